@@ -1,0 +1,40 @@
+"""onnx_magprune: exact magnitude pruning for exported ONNX models."""
+
+__version__ = "0.1.0"
+
+from .api import PruneResult, inspect_model, prune_file, prune_model  # noqa: E402
+from .config import NonFinite, PruneConfig, Rule, Scope, load_config  # noqa: E402
+from .errors import (  # noqa: E402
+    ConfigError,
+    ExternalDataError,
+    GateFailed,
+    MagpruneError,
+    ModelLoadError,
+    NonFiniteWeightError,
+    OutputError,
+)
+from .report import SCHEMA_VERSION, PruneReport  # noqa: E402
+from .selection import SelectionParams  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "PruneResult",
+    "inspect_model",
+    "prune_file",
+    "prune_model",
+    "NonFinite",
+    "PruneConfig",
+    "Rule",
+    "Scope",
+    "load_config",
+    "ConfigError",
+    "ExternalDataError",
+    "GateFailed",
+    "MagpruneError",
+    "ModelLoadError",
+    "NonFiniteWeightError",
+    "OutputError",
+    "SCHEMA_VERSION",
+    "PruneReport",
+    "SelectionParams",
+]

@@ -1,0 +1,220 @@
+"""The Python API: inspect and prune a model.
+
+Data flows one way: load -> index the graph -> find weights -> apply config
+rules -> select (pure numpy) -> apply -> save atomically -> report.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .config import NonFinite, PruneConfig, Rule, Scope
+from .discovery import Skipped, Weight, find_weights
+from .errors import ConfigError, NonFiniteWeightError
+from .graph_index import GraphIndex
+from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, save_model
+from .report import PruneReport, SkippedReport, TensorReport, Totals
+from .selection import (
+    DEFAULT_PARAMS,
+    ArrayPlan,
+    NonFiniteValues,
+    SelectionParams,
+    apply_plan,
+    plan_global,
+    plan_local,
+)
+from .tensor_data import TensorStore, dtype_name, numel
+
+ModelSource = str | os.PathLike | onnx.ModelProto
+
+
+class PruneResult(NamedTuple):
+    model: onnx.ModelProto
+    report: PruneReport
+
+
+@dataclass
+class _Target:
+    """A weight and how its sparsity is chosen."""
+
+    weight: Weight
+    selection: str  # "global", "local" or "fixed"
+    sparsity: float | None
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+
+def _config(config: PruneConfig | None, **overrides) -> PruneConfig:
+    return (config or PruneConfig()).with_overrides(**overrides)
+
+
+def _discover(loaded: LoadedModel, cfg: PruneConfig) -> tuple[list[_Target], list[Skipped]]:
+    found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel)
+    targets: list[_Target] = []
+    skipped = list(found.skipped)
+    for w in found.weights:
+        rule: Rule | None = cfg.rule_for(w.name, w.consumers())
+        if rule is not None and rule.exclude:
+            t = w.tensor
+            skipped.append(Skipped(w.name, w.value.where(), f"excluded by {rule.describe()}",
+                                   _dtype(t), tuple(t.dims)))
+        elif rule is not None and rule.sparsity is not None:
+            targets.append(_Target(w, "fixed", rule.sparsity))
+        else:
+            bounds = rule.bounds if rule is not None else (0.0, 1.0)
+            targets.append(_Target(w, cfg.scope.value, cfg.sparsity, bounds))
+    return targets, skipped
+
+
+def _dtype(tensor: onnx.TensorProto) -> str:
+    return dtype_name(tensor.data_type)
+
+
+def _total_params(model: onnx.ModelProto) -> int:
+    return sum(numel(t) for t in iter_all_tensors(model))
+
+
+def _plans(targets: list[_Target], arrays: list[np.ndarray], cfg: PruneConfig,
+           params: SelectionParams) -> list[ArrayPlan]:
+    keep = cfg.nonfinite is NonFinite.KEEP
+    plans: list[ArrayPlan | None] = [None] * len(targets)
+    pool = [i for i, t in enumerate(targets) if t.selection == "global"]
+    current: list[int] = []  # the targets of the selection under way, to name a NaN's tensor
+    try:
+        for i, t in enumerate(targets):
+            current = [i]
+            if t.selection == "fixed":
+                plans[i] = plan_local(arrays[i], t.sparsity, keep_nonfinite=keep, params=params)
+            elif t.selection == "local":
+                lo, hi = t.bounds
+                plans[i] = plan_local(arrays[i], min(max(t.sparsity, lo), hi), keep_nonfinite=keep, params=params)
+        if pool:
+            current = pool
+            pooled = plan_global([arrays[i] for i in pool], cfg.sparsity, bounds=[targets[i].bounds for i in pool],
+                                 keep_nonfinite=keep, params=params)
+            for i, p in zip(pool, pooled):
+                plans[i] = p
+    except NonFiniteValues as e:
+        name = targets[current[e.array_index]].weight.name
+        raise NonFiniteWeightError(
+            f"weight '{name}' holds {e.count} NaN/Inf value(s); fix the model, exclude it, "
+            f"or pass --nonfinite keep to leave such values unpruned"
+        ) from e
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return plans  # type: ignore[return-value]
+
+
+def _run(loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: SelectionParams,
+         *, prune: bool, output: str | None) -> PruneReport:
+    targets, skipped = _discover(loaded, cfg)
+    needs_sparsity = any(t.selection != "fixed" for t in targets)
+    if prune and needs_sparsity and cfg.sparsity is None:
+        raise ConfigError("no sparsity given: pass --sparsity (or sparsity= in Python, or in the config file)")
+    arrays = [store.read(t.weight.tensor) for t in targets]
+    rows: list[TensorReport] = []
+    target_zeros = None
+    if prune:
+        plans = _plans(targets, arrays, cfg, params)
+        target_zeros = sum(p.pruned for p in plans)
+    for i, (t, arr) in enumerate(zip(targets, arrays)):
+        tensor = t.weight.tensor
+        if prune:
+            stats = apply_plan(arr, plans[i], params=params)
+            store.write(tensor, arr)
+            zeros_before, zeros_after, threshold = stats.zeros_before, stats.zeros_after, plans[i].threshold
+        else:
+            zeros_before = zeros_after = int(arr.size - np.count_nonzero(arr.astype(np.float32) if
+                                                                         arr.dtype.name == "bfloat16" else arr))
+            threshold = None
+        rows.append(TensorReport(
+            name=t.weight.name, where=t.weight.value.where(), consumers=t.weight.consumers(),
+            shape=list(tensor.dims), dtype=_dtype(tensor), numel=int(arr.size),
+            zeros_before=zeros_before, zeros_after=zeros_after,
+            sparsity=zeros_after / arr.size if arr.size else 0.0,
+            threshold=threshold,
+            selection=t.selection if prune else "none",
+            target_sparsity=t.sparsity if prune else None,
+            bounds=list(t.bounds) if prune and t.bounds != (0.0, 1.0) else None,
+        ))
+    prunable = sum(r.numel for r in rows)
+    zb, za = sum(r.zeros_before for r in rows), sum(r.zeros_after for r in rows)
+    totals = Totals(prunable_params=prunable, total_params=_total_params(loaded.proto), zeros_before=zb,
+                    zeros_after=za, sparsity=za / prunable if prunable else 0.0, target_zeros=target_zeros)
+    notes = []
+    if prune:
+        notes.append("zeros are stored densely (format 'dense'): the file is not smaller and ONNX Runtime's "
+                     "dense kernels run it at the same speed")
+    return PruneReport(
+        command="prune" if prune else "inspect",
+        tool_version=__version__,
+        input=str(loaded.path) if loaded.path is not None else None,
+        output=output,
+        options=cfg.to_dict(),
+        tensors=rows,
+        skipped=[SkippedReport(s.name, s.where, s.reason, s.dtype, list(s.shape)) for s in skipped],
+        totals=totals,
+        notes=notes,
+    )
+
+
+def inspect_model(
+    model: ModelSource,
+    *,
+    config: PruneConfig | None = None,
+    exclude: Sequence[str] = (),
+    min_numel: int | None = None,
+) -> PruneReport:
+    """What can be pruned, and what is skipped and why.  Nothing is changed."""
+    loaded = load_model(model)
+    cfg = _config(config, exclude=exclude, min_numel=min_numel)
+    return _run(loaded, TensorStore(loaded.base_dir), cfg, DEFAULT_PARAMS, prune=False, output=None)
+
+
+def prune_model(
+    model: ModelSource,
+    sparsity: float | None = None,
+    scope: Scope | str | None = None,
+    *,
+    config: PruneConfig | None = None,
+    exclude: Sequence[str] = (),
+    min_numel: int | None = None,
+    nonfinite: NonFinite | str | None = None,
+    params: SelectionParams = DEFAULT_PARAMS,
+) -> PruneResult:
+    """Prune a model in memory.  Returns ``(model, report)``; the input object
+    or file is never modified.  External data is read into the returned model
+    (use :func:`prune_file` to keep it external, e.g. for models over 2 GiB)."""
+    loaded = load_model(model)
+    internalize_external_data(loaded)
+    cfg = _config(config, sparsity=sparsity, scope=scope, exclude=exclude, min_numel=min_numel, nonfinite=nonfinite)
+    report = _run(loaded, TensorStore(None), cfg, params, prune=True, output=None)
+    return PruneResult(loaded.proto, report)
+
+
+def prune_file(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    sparsity: float | None = None,
+    scope: Scope | str | None = None,
+    *,
+    config: PruneConfig | None = None,
+    exclude: Sequence[str] = (),
+    min_numel: int | None = None,
+    nonfinite: NonFinite | str | None = None,
+    overwrite: bool = False,
+    params: SelectionParams = DEFAULT_PARAMS,
+) -> PruneReport:
+    """Prune the model file ``source`` into ``output``, atomically.  External
+    data stays external, with its layout (offsets) unchanged."""
+    loaded = load_model(source)
+    cfg = _config(config, sparsity=sparsity, scope=scope, exclude=exclude, min_numel=min_numel, nonfinite=nonfinite)
+    store = TensorStore(loaded.base_dir)
+    report = _run(loaded, store, cfg, params, prune=True, output=str(output))
+    save_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite)
+    return report

@@ -1,0 +1,194 @@
+"""Decide which constant tensors are prunable weights, with a reason for every skip.
+
+A constant (initializer or Constant-node tensor) is a weight when it is
+floating point and *every* path from it, through layout-only ops (Transpose,
+Reshape, Identity, Squeeze/Unsqueeze, Flatten, Cast to a float type,
+Slice/Split, Gather with constant indices, a Quantize/Dequantize pair), ends
+in a weight slot (:data:`WEIGHT_SLOTS`).  Each check returns *why* a tensor is
+not a weight rather than raising, so ``inspect`` can print it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx import TensorProto
+
+from .graph_index import GraphIndex, Use, Value
+from .tensor_data import FLOAT_TYPES, dtype_name, numel
+
+#: (domain, op_type) -> input slots that hold a weight when constant.
+WEIGHT_SLOTS: dict[tuple[str, str], frozenset[int] | None] = {
+    ("", "MatMul"): frozenset({0, 1}),
+    ("", "Gemm"): frozenset({0, 1}),
+    ("", "Conv"): frozenset({1}),
+    ("", "ConvTranspose"): frozenset({1}),
+    ("", "LSTM"): frozenset({1, 2}),
+    ("", "GRU"): frozenset({1, 2}),
+    ("", "RNN"): frozenset({1, 2}),
+    ("", "Einsum"): None,  # every operand
+    ("com.microsoft", "FusedMatMul"): frozenset({0, 1}),
+    ("com.microsoft", "FusedGemm"): frozenset({0, 1}),
+    ("com.microsoft", "FusedConv"): frozenset({1}),
+}
+
+#: (domain, op_type) -> the data slot a layout-only op passes through.
+_PASS_THROUGH: dict[tuple[str, str], int] = {
+    ("", "Transpose"): 0,
+    ("", "Reshape"): 0,
+    ("", "Identity"): 0,
+    ("", "Squeeze"): 0,
+    ("", "Unsqueeze"): 0,
+    ("", "Flatten"): 0,
+    ("", "Cast"): 0,
+    ("", "CastLike"): 0,
+    ("", "Slice"): 0,
+    ("", "Split"): 0,
+    ("", "Gather"): 0,
+    ("", "QuantizeLinear"): 0,
+    ("", "DequantizeLinear"): 0,
+}
+
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+_CONSTANT_KINDS = ("initializer", "constant", "constant_attr")
+
+
+@dataclass(eq=False)
+class Weight:
+    """A prunable tensor and the weight slots it reaches."""
+
+    value: Value
+    uses: list[Use]
+
+    @property
+    def name(self) -> str:
+        return self.value.name
+
+    @property
+    def tensor(self) -> TensorProto:
+        return self.value.tensor
+
+    def consumers(self) -> list[str]:
+        """Op types it reaches, once each, in first-use order."""
+        seen: list[str] = []
+        for use in self.uses:
+            domain, op = use.op
+            label = f"{domain}.{op}" if domain else op
+            if label not in seen:
+                seen.append(label)
+        return seen
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    where: str
+    reason: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Discovery:
+    weights: list[Weight]
+    skipped: list[Skipped]
+
+
+def _is_constant(value: Value | None) -> bool:
+    return value is not None and value.kind in _CONSTANT_KINDS and not value.overridable
+
+
+def _passes_through(use: Use, index: GraphIndex) -> bool:
+    node = use.node
+    if node is None or _PASS_THROUGH.get(use.op) != use.slot:
+        return False
+    op = use.op[1]
+    if op == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        return to in FLOAT_TYPES
+    if op == "Gather":
+        return len(node.input) > 1 and _is_constant(index.input_value(node, 1))
+    return True
+
+
+def _trace(value: Value, index: GraphIndex) -> tuple[list[Use], list[tuple[str, Use]]]:
+    """Weight uses reachable through layout-only ops, and the other uses (with a reason)."""
+    weight_uses: list[Use] = []
+    other: list[tuple[str, Use]] = []
+    stack, seen = [value], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for use in current.uses:
+            slots = WEIGHT_SLOTS.get(use.op, frozenset())
+            if use.node is not None and (slots is None or use.slot in slots):
+                weight_uses.append(use)
+            elif _passes_through(use, index):
+                stack.extend(v for v in index.outputs_of(use.node) if v is not None)
+            elif use.node is None:
+                other.append(("is a graph output", use))
+            elif use.op == ("", "Gather") and use.slot == 0:
+                other.append(("embedding table (data of a Gather with run-time indices)", use))
+            elif use.op[1] in _QUANT_OPS and use.slot > 0:
+                other.append(("quantization scale or zero point", use))
+            else:
+                other.append(("also feeds a non-weight input", use))
+    return weight_uses, other
+
+
+def find_weights(index: GraphIndex, *, min_numel: int) -> Discovery:
+    weights: list[Weight] = []
+    skipped: list[Skipped] = []
+    for value in index.constants():
+        tensor = value.tensor
+        shape = tuple(tensor.dims) if tensor is not None else ()
+        dtype = dtype_name(tensor.data_type) if tensor is not None else "sparse"
+        reason = _static_reason(value, min_numel)
+        uses: list[Use] = []
+        if reason is None:
+            uses, other = _trace(value, index)
+            if other:
+                why, use = other[0]
+                reason = f"{why}: {use.describe()}"
+            elif not uses:
+                reason = "unused (reaches no weight input)"
+        if reason is None:
+            weights.append(Weight(value, uses))
+        else:
+            skipped.append(Skipped(value.name, value.where(), reason, dtype, shape))
+    return Discovery(weights, skipped)
+
+
+def _static_reason(value: Value, min_numel: int) -> str | None:
+    """Why ``value`` cannot be a weight whatever it feeds, or None."""
+    if value.kind in ("sparse_initializer", "sparse_constant"):
+        return "stored as a sparse tensor (already encoded; decode it first)"
+    if value.overridable:
+        return "initializer is also a graph input, so callers can override it at run time"
+    if value.duplicate:
+        return "its name is bound more than once in its graph"
+    tensor = value.tensor
+    if tensor.data_type not in FLOAT_TYPES:
+        kind = dtype_name(tensor.data_type)
+        if tensor.data_type in _INTEGER_TYPES and len(tensor.dims) >= 2:
+            return f"integer tensor ({kind}): quantized weights are not pruned yet"
+        return f"{kind} tensor, not floating point"
+    n = numel(tensor)
+    if len(tensor.dims) <= 1:
+        return "scalar" if not tensor.dims else "1-D tensor (bias, scale or norm parameter)"
+    if n == 0:
+        return "empty tensor"
+    if n < min_numel:
+        return f"too small: {n} elements, below min_numel {min_numel}"
+    return None
+
+
+_INTEGER_TYPES = {
+    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
+    TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64,
+}
+for _name in ("INT4", "UINT4", "INT2", "UINT2"):
+    if hasattr(TensorProto, _name):
+        _INTEGER_TYPES.add(getattr(TensorProto, _name))

@@ -1,0 +1,263 @@
+"""Load a model (keeping external data external) and save it atomically.
+
+Saving writes every file of the result (the model and any external-data files)
+to temporary files in the destination directory and renames them into place
+only when all were written, so a failed run leaves no output file.  External
+data keeps its layout: each source data file is copied and only the bytes of
+pruned tensors are overwritten at their offsets.  A data file is renamed only
+where keeping its name would overwrite the input's own data file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError, OutputError
+from .external_data import ExternalRef, external_info, parse_external_ref, resolve_location, uses_external_data
+
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    proto: onnx.ModelProto
+    path: Path | None  # the file it came from
+    base_dir: Path | None  # where its external data is resolved
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
+    """A *copy* of the model: the caller's object and file are never changed."""
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+        _check_model_shape(proto, "the model")
+        return LoadedModel(proto, None, None)
+    path = Path(source)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ModelLoadError(f"cannot read model '{path}': it is a directory") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model '{path}': {e.strerror or e}") from e
+    if len(data) > _PROTOBUF_LIMIT:
+        raise ModelLoadError(f"'{path}' is over 2 GiB; ONNX files that large must keep weights as external data")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"'{path}' is not an ONNX model (protobuf parse failed: {e})") from e
+    _check_model_shape(proto, f"'{path}'")
+    return LoadedModel(proto, path, path.parent)
+
+
+def _check_model_shape(proto: onnx.ModelProto, what: str) -> None:
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{what} is not an ONNX model: it has no graph")
+    if not proto.opset_import:
+        raise ModelLoadError(f"{what} declares no opset (opset_import is empty)")
+
+
+# ---------------------------------------------------------------------------
+# walking every tensor
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+            yield attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for g in attr.graphs:
+            yield from _graph_tensors(g)
+
+
+def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers, sparse parts, attributes,
+    subgraphs (recursively) and local functions."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
+    if bits:
+        return (n * bits + 7) // 8
+    if dtype.kind in "OUSV" and dtype.name != "bfloat16":
+        return None
+    return n * dtype.itemsize
+
+
+def internalize_external_data(loaded: LoadedModel) -> None:
+    """Read every external tensor into ``raw_data`` (checked references only)."""
+    for tensor in iter_all_tensors(loaded.proto):
+        if not uses_external_data(tensor):
+            continue
+        if loaded.base_dir is None:
+            raise ModelLoadError(f"tensor '{tensor.name}' uses external data but the model has no directory")
+        ref = parse_external_ref(tensor, loaded.base_dir, _expected_nbytes(tensor))
+        with open(ref.path, "rb") as f:
+            f.seek(ref.offset)
+            tensor.raw_data = f.read(ref.length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+# ---------------------------------------------------------------------------
+# saving
+
+
+def _plan_data_files(loaded: LoadedModel, output: Path, in_place: bool) -> dict[Path, str]:
+    """Source data file -> location to write it under, next to ``output``."""
+    sources: dict[Path, str] = {}
+    for tensor in iter_all_tensors(loaded.proto):
+        if uses_external_data(tensor):
+            location = external_info(tensor).get("location", "")
+            path = resolve_location(tensor.name, location, loaded.base_dir)
+            sources.setdefault(path, location)
+    out_dir = output.parent.resolve()
+    taken: set[Path] = set()
+    plan: dict[Path, str] = {}
+    for src, location in sorted(sources.items()):
+        target = location
+        if not in_place:
+            n = 0
+            while (out_dir / target).resolve() in sources or (out_dir / target).resolve() in taken:
+                n += 1
+                flat = location.replace("/", "_").replace("\\", "_")
+                target = f"{output.name}.{flat}" if n == 1 else f"{output.name}.{n}.{flat}"
+        taken.add((out_dir / target).resolve())
+        plan[src] = target
+    return plan
+
+
+def _relocate(model: onnx.ModelProto, base_dir: Path, plan: dict[Path, str]) -> None:
+    for tensor in iter_all_tensors(model):
+        if uses_external_data(tensor):
+            info = external_info(tensor)
+            target = plan[resolve_location(tensor.name, info.get("location", ""), base_dir)]
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = target
+
+
+def _temp_beside(final: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+    return Path(name)
+
+
+def _write_data_file(src: Path, temp: Path, writes: list[tuple[ExternalRef, bytes | memoryview]]) -> None:
+    shutil.copyfile(src, temp)
+    with open(temp, "r+b") as f:
+        for ref, payload in writes:
+            f.seek(ref.offset)
+            f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_model(
+    loaded: LoadedModel,
+    output: str | os.PathLike,
+    *,
+    external_writes: list[tuple[ExternalRef, object]] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write ``loaded.proto`` (and its external data, with ``external_writes``
+    applied) to ``output`` atomically.  Returns the output path."""
+    output = Path(output)
+    if not output.parent.resolve().is_dir():
+        raise OutputError(f"output directory '{output.parent}' does not exist")
+    if output.exists() and output.is_dir():
+        raise OutputError(f"output '{output}' is a directory")
+    in_place = loaded.path is not None and output.resolve() == loaded.path.resolve()
+    if in_place and not overwrite:
+        raise OutputError(f"refusing to overwrite the input model '{output}' (pass --overwrite to allow it)")
+    plan = _plan_data_files(loaded, output, in_place) if loaded.base_dir is not None else {}
+    by_source: dict[Path, list] = {src: [] for src in plan}
+    for ref, array in external_writes:
+        by_source[ref.path].append((ref, memoryview(array.reshape(-1).view("u1"))))
+
+    model = loaded.proto
+    if plan:
+        model = onnx.ModelProto()
+        model.CopyFrom(loaded.proto)
+        _relocate(model, loaded.base_dir, plan)
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for src, location in plan.items():
+            final = output.parent / location
+            final.parent.mkdir(parents=True, exist_ok=True)
+            temp = _temp_beside(final)
+            temps.append((temp, final))
+            _write_data_file(src, temp, by_source[src])
+        payload = model.SerializeToString(deterministic=True)
+        temp = _temp_beside(output)
+        temps.append((temp, output))
+        with open(temp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        for temp, final in temps:
+            os.replace(temp, final)
+    except (OSError, ValueError) as e:
+        for temp, _final in temps:
+            temp.unlink(missing_ok=True)
+        if isinstance(e, ValueError) and "2GB" in str(e).upper().replace(" ", ""):
+            raise OutputError("the model is over 2 GiB; save it with external data") from e
+        raise OutputError(f"cannot write '{output}': {getattr(e, 'strerror', None) or e}") from e
+    except BaseException:
+        for temp, _final in temps:
+            temp.unlink(missing_ok=True)
+        raise
+    return output
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (a report) through a temp file and a rename."""
+    path = Path(path)
+    if not path.parent.resolve().is_dir():
+        raise OutputError(f"directory '{path.parent}' does not exist")
+    temp = _temp_beside(path)
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as e:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from e

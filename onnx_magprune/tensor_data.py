@@ -1,0 +1,117 @@
+"""Read and write the values of a ``TensorProto`` as numpy arrays.
+
+Values stay where the exporter put them: a tensor stored in ``raw_data`` is
+written back to ``raw_data``, one stored in a typed field (``float_data``,
+``int32_data`` for float16/bfloat16, ``double_data``) is written back there,
+and one stored as external data is read through a copy-on-write memory map
+and its new bytes are handed to the writer at save time, so nothing else in
+the model changes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from .errors import ModelLoadError
+from .external_data import ExternalRef, parse_external_ref, uses_external_data
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+def dtype_name(data_type: int) -> str:
+    try:
+        return TensorProto.DataType.Name(data_type).lower()
+    except ValueError:
+        return f"unknown({data_type})"
+
+
+def np_dtype(data_type: int) -> np.dtype:
+    """Little-endian numpy dtype of a float ONNX type (bfloat16 as onnx's ml_dtypes type)."""
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).newbyteorder("<")
+
+
+def numel(tensor: TensorProto) -> int:
+    return math.prod(tensor.dims)
+
+
+def _typed_field(data_type: int) -> str:
+    return {
+        TensorProto.FLOAT: "float_data",
+        TensorProto.DOUBLE: "double_data",
+        TensorProto.FLOAT16: "int32_data",
+        TensorProto.BFLOAT16: "int32_data",
+    }[data_type]
+
+
+class TensorStore:
+    """Reads float tensors of one model as writable arrays; writes them back.
+
+    ``base_dir`` is the model's directory, needed for external data (``None``
+    when the model came from memory: then external references are an error).
+    """
+
+    def __init__(self, base_dir: Path | None):
+        self.base_dir = base_dir
+        self.external_writes: list[tuple[ExternalRef, np.ndarray]] = []
+        self._refs: dict[int, ExternalRef] = {}
+
+    def read(self, tensor: TensorProto) -> np.ndarray:
+        if tensor.data_type not in FLOAT_TYPES:
+            raise ModelLoadError(f"tensor '{tensor.name}' is {dtype_name(tensor.data_type)}, not floating point")
+        dtype = np_dtype(tensor.data_type)
+        shape = tuple(tensor.dims)
+        n = numel(tensor)
+        if uses_external_data(tensor):
+            return self._read_external(tensor, dtype, shape, n)
+        if tensor.raw_data:
+            if len(tensor.raw_data) != n * dtype.itemsize:
+                raise ModelLoadError(
+                    f"tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes but its shape {list(shape)} "
+                    f"needs {n * dtype.itemsize}"
+                )
+            return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(shape).copy()
+        field = getattr(tensor, _typed_field(tensor.data_type))
+        if len(field) != n:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' holds {len(field)} values but its shape {list(shape)} needs {n}"
+            )
+        if tensor.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            return np.asarray(field, dtype=np.int64).astype(np.uint16).view(dtype).reshape(shape)
+        return np.asarray(field, dtype=dtype).reshape(shape)
+
+    def _read_external(self, tensor: TensorProto, dtype: np.dtype, shape, n: int) -> np.ndarray:
+        if self.base_dir is None:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' uses external data but the model was given without its file path"
+            )
+        ref = parse_external_ref(tensor, self.base_dir, n * dtype.itemsize)
+        self._refs[id(tensor)] = ref
+        if n == 0:
+            return np.empty(shape, dtype)
+        bits = np.dtype(f"<u{dtype.itemsize}")
+        try:
+            mapped = np.memmap(ref.path, dtype=bits, mode="c", offset=ref.offset, shape=(n,))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"tensor '{tensor.name}': cannot map external data '{ref.location}': {e}") from e
+        return mapped.view(dtype).reshape(shape)
+
+    def write(self, tensor: TensorProto, array: np.ndarray) -> None:
+        """Store ``array`` (same shape and dtype as read) as ``tensor``'s values."""
+        if uses_external_data(tensor):
+            self.external_writes.append((self._refs[id(tensor)], array))
+            return
+        if tensor.raw_data or numel(tensor) == 0:
+            tensor.raw_data = np.ascontiguousarray(array).tobytes()
+            return
+        name = _typed_field(tensor.data_type)
+        field = getattr(tensor, name)
+        del field[:]
+        if tensor.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            field.extend(array.reshape(-1).view(np.uint16).astype(np.int32).tolist())
+        else:
+            field.extend(array.reshape(-1).tolist())

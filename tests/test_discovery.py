@@ -1,0 +1,214 @@
+"""Finding weights wherever exporters put them, and saying why anything is skipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_model, vi, weight
+from onnx_magprune.discovery import find_weights
+from onnx_magprune.graph_index import GraphIndex
+
+
+def discover(model, min_numel=16):
+    found = find_weights(GraphIndex(model), min_numel=min_numel)
+    return {w.name: w for w in found.weights}, {s.name: s.reason for s in found.skipped}
+
+
+def init(name, shape, seed=0, dtype=np.float32):
+    return numpy_helper.from_array(weight(shape, seed, dtype), name)
+
+
+def const_node(out, array, name=None):
+    return helper.make_node("Constant", [], [out], name=name or f"const_{out}",
+                            value=numpy_helper.from_array(array, out))
+
+
+def test_initializer_and_constant_node_weights():
+    nodes = [const_node("Wc", weight((8, 8), 1)),
+             helper.make_node("MatMul", ["x", "Wi"], ["h"]),
+             helper.make_node("MatMul", ["h", "Wc"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])], [init("Wi", (8, 8))])
+    weights, skipped = discover(m)
+    assert set(weights) == {"Wi", "Wc"} and not skipped
+    assert weights["Wc"].value.where() == "Constant node 'const_Wc' in main"
+    assert weights["Wi"].value.where() == "initializer in main"
+
+
+def _if_model():
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W_outer"], ["t_out"])], "then", [], [vi("t_out", [1, 8])])
+    else_g = helper.make_graph(
+        [const_node("W_inner", weight((8, 8), 2)), helper.make_node("MatMul", ["x", "W_inner"], ["e_out"])],
+        "else", [], [vi("e_out", [1, 8])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
+    return make_model(nodes, [vi("x", [1, 8]), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 8])],
+                      [init("W_outer", (8, 8))])
+
+
+def test_subgraph_weights_and_outer_scope_captures():
+    weights, skipped = discover(_if_model())
+    assert set(weights) == {"W_outer", "W_inner"} and not skipped
+    assert weights["W_outer"].uses[0].graph == "main/If 'branch'.then_branch"
+    assert weights["W_inner"].value.graph == "main/If 'branch'.else_branch"
+
+
+def test_loop_body_capture_and_subgraph_shadowing():
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h_in", "W"], ["h_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("h_in", [1, 8])],
+        [vi("cond_out", [], TensorProto.BOOL), vi("h_out", [1, 8])],
+        initializer=[init("S", (8, 8), 9)])  # a body initializer nobody uses
+    nodes = [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body, name="loop")]
+    m = make_model(nodes, [vi("x", [1, 8]), vi("n", [], TensorProto.INT64)], [vi("y", [1, 8])], [init("W", (8, 8))])
+    weights, skipped = discover(m)
+    assert set(weights) == {"W"}
+    assert skipped["S"] == "unused (reaches no weight input)"
+
+
+def test_shared_weight_is_one_weight():
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("MatMul", ["a", "W"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])], [init("W", (8, 8))])
+    weights, _ = discover(m)
+    assert list(weights) == ["W"] and len(weights["W"].uses) == 2 and weights["W"].consumers() == ["MatMul"]
+
+
+def test_layout_chain_and_cast_pass_through():
+    shape = numpy_helper.from_array(np.array([8, 8], np.int64), "shape")
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("Reshape", ["Wt", "shape"], ["Wr"]),
+             helper.make_node("Identity", ["Wr"], ["Wi"]),
+             helper.make_node("Unsqueeze", ["Wi", "ax"], ["Wu"]),
+             helper.make_node("Squeeze", ["Wu", "ax"], ["Ws"]),
+             helper.make_node("MatMul", ["x", "Ws"], ["h"]),
+             helper.make_node("Cast", ["H16"], ["H32"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["h", "H32"], ["y"])]
+    ax = numpy_helper.from_array(np.array([0], np.int64), "ax")
+    m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])],
+                   [init("W", (8, 8)), shape, ax, init("H16", (8, 8), 3, np.float16)])
+    weights, skipped = discover(m)
+    assert set(weights) == {"W", "H16"}
+    assert skipped["shape"] == "int64 tensor, not floating point"
+
+
+def test_packed_tensor_split_into_weight_slots_is_one_weight():
+    nodes = [helper.make_node("Split", ["QKV"], ["q", "k", "v"], axis=1, num_outputs=3),
+             helper.make_node("MatMul", ["x", "q"], ["a"]),
+             helper.make_node("MatMul", ["x", "k"], ["b"]),
+             helper.make_node("MatMul", ["x", "v"], ["c"]),
+             helper.make_node("Sum", ["a", "b", "c"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])], [init("QKV", (8, 24))], opset=18)
+    weights, _ = discover(m)
+    assert list(weights) == ["QKV"] and len(weights["QKV"].uses) == 3
+
+
+def test_packed_tensor_with_a_non_weight_slice_is_skipped():
+    starts = numpy_helper.from_array(np.array([0], np.int64), "s0")
+    ends = numpy_helper.from_array(np.array([8], np.int64), "e0")
+    starts2 = numpy_helper.from_array(np.array([8], np.int64), "s1")
+    ends2 = numpy_helper.from_array(np.array([16], np.int64), "e1")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [helper.make_node("Slice", ["P", "s0", "e0", "axes"], ["w"]),
+             helper.make_node("Slice", ["P", "s1", "e1", "axes"], ["bias"]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Add", ["h", "bias"], ["y"], name="add_bias")]
+    m = make_model(nodes, [vi("x", [8, 8])], [vi("y", [8, 8])],
+                   [init("P", (8, 16)), starts, ends, starts2, ends2, axes])
+    weights, skipped = discover(m)
+    assert "P" not in weights
+    assert skipped["P"] == "also feeds a non-weight input: Add 'add_bias' input 1"
+
+
+def test_gather_constant_indices_pass_dynamic_indices_are_embeddings():
+    idx = numpy_helper.from_array(np.array(0, np.int64), "zero")
+    nodes = [helper.make_node("Gather", ["Stack", "zero"], ["w"], axis=0),
+             helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Gather", ["Emb", "ids"], ["e"], axis=0),
+             helper.make_node("Add", ["h", "e"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 8]), vi("ids", [1], TensorProto.INT64)], [vi("y", [1, 8])],
+                   [init("Stack", (2, 8, 8)), idx, init("Emb", (50, 8))])
+    weights, skipped = discover(m)
+    assert set(weights) == {"Stack"}
+    assert skipped["Emb"].startswith("embedding table (data of a Gather with run-time indices)")
+
+
+def test_every_skip_reason():
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.ones(2, np.float32), "Sp"), numpy_helper.from_array(np.array([0, 5], np.int64),
+                                                                                       "Sp_idx"), [8, 8])
+    scale = numpy_helper.from_array(np.full((64, 1), 0.02, np.float32), "big_scale")
+    qweight = numpy_helper.from_array(np.ones((64, 8), np.int8), "Wq")
+    nodes = [
+        helper.make_node("MatMul", ["x", "Over"], ["a"]),           # overridable initializer
+        helper.make_node("Gemm", ["a", "Wg", "Cbias"], ["b"]),       # Gemm C is not a weight slot
+        helper.make_node("MatMul", ["b", "Tiny"], ["c"]),           # too small
+        helper.make_node("Add", ["c", "Bias"], ["d"]),              # 1-D
+        helper.make_node("MatMul", ["d", "Sp"], ["e"]),             # sparse initializer
+        helper.make_node("DequantizeLinear", ["Wq", "big_scale"], ["wdq"], axis=0),  # int weight + float scale
+        helper.make_node("MatMul", ["e", "Out"], ["f"]),            # also a graph output
+        helper.make_node("Identity", ["f"], ["y"]),
+    ]
+    inits = [init("Over", (8, 8)), init("Wg", (8, 8), 1), init("Cbias", (8, 8), 2), init("Tiny", (8, 1), 3),
+             init("Bias", (8,), 4), scale, qweight, init("Out", (8, 8), 5)]
+    graph = helper.make_graph(nodes, "g", [vi("x", [1, 8]), vi("Over", [8, 8])],
+                              [vi("y", [1, 8]), vi("wdq", [64, 8]), vi("Out", [8, 8])],
+                              initializer=inits, sparse_initializer=[sparse])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    weights, skipped = discover(m)
+    assert set(weights) == {"Wg"}
+    assert skipped == {
+        "Over": "initializer is also a graph input, so callers can override it at run time",
+        "Cbias": "also feeds a non-weight input: Gemm input 2",
+        "Tiny": "too small: 8 elements, below min_numel 16",
+        "Bias": "1-D tensor (bias, scale or norm parameter)",
+        "big_scale": "quantization scale or zero point: DequantizeLinear input 1",
+        "Wq": "integer tensor (int8): quantized weights are not pruned yet",
+        "Out": "is a graph output: output 2 of graph main",
+        "Sp": "stored as a sparse tensor (already encoded; decode it first)",
+    }
+
+
+def test_fake_quant_pair_passes_and_duplicates_are_refused():
+    sc = numpy_helper.from_array(np.array(0.05, np.float32), "sc")
+    zp = numpy_helper.from_array(np.array(0, np.int8), "zp")
+    nodes = [helper.make_node("QuantizeLinear", ["W", "sc", "zp"], ["wq"]),
+             helper.make_node("DequantizeLinear", ["wq", "sc", "zp"], ["wd"]),
+             helper.make_node("MatMul", ["x", "wd"], ["h"]),
+             helper.make_node("MatMul", ["h", "D"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])],
+                   [init("W", (8, 8)), sc, zp, init("D", (8, 8), 1), init("D", (8, 8), 2)])
+    weights, skipped = discover(m)
+    assert set(weights) == {"W"}
+    assert skipped["D"] == "its name is bound more than once in its graph"
+    assert skipped["sc"] == "scalar"
+
+
+def test_einsum_conv_rnn_and_function_bodies():
+    conv_w = init("CW", (4, 3, 3, 3))
+    lstm_w, lstm_r = init("LW", (1, 16, 3)), init("LR", (1, 16, 4), 1)
+    nodes = [helper.make_node("Einsum", ["x2", "E"], ["ein"], equation="ij,jk->ik"),
+             helper.make_node("Conv", ["img", "CW"], ["conv"]),
+             helper.make_node("LSTM", ["seq", "LW", "LR"], ["lstm_y"], hidden_size=4),
+             helper.make_node("MyLinear", ["x2"], ["fy"], domain="local")]
+    fn = helper.make_function(
+        "local", "MyLinear", ["inp"], ["out"],
+        [const_node("FW", weight((8, 8), 7), name="fn_const"), helper.make_node("MatMul", ["inp", "FW"], ["out"])],
+        opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph(nodes, "g", [vi("x2", [2, 8]), vi("img", [1, 3, 5, 5]), vi("seq", [2, 1, 3])],
+                              [vi("ein", [2, 8]), vi("conv", None), vi("lstm_y", None), vi("fy", [2, 8])],
+                              initializer=[init("E", (8, 8)), conv_w, lstm_w, lstm_r])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                          functions=[fn])
+    weights, skipped = discover(m)
+    assert set(weights) == {"E", "CW", "LW", "LR", "FW"}
+    assert weights["FW"].value.graph == "function local:MyLinear"
+    assert weights["CW"].consumers() == ["Conv"] and weights["LR"].consumers() == ["LSTM"]
+
+
+def test_unsorted_nodes_are_indexed():
+    nodes = [helper.make_node("MatMul", ["h", "W2"], ["y"]), helper.make_node("MatMul", ["x", "W1"], ["h"])]
+    m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])], [init("W1", (8, 8)), init("W2", (8, 8), 1)])
+    weights, _ = discover(m)
+    assert set(weights) == {"W1", "W2"}
