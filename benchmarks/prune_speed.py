@@ -158,6 +158,17 @@ def build_model(workdir: Path, layout: list[dict], seed: int) -> dict:
             "model_path": str(model_path), "data_path": str(data_path)}
 
 
+def selection_params(spec: dict):
+    """The package's default SelectionParams, or with ``--threads`` applied."""
+    import dataclasses
+
+    from onnx_magprune.selection import DEFAULT_PARAMS
+
+    if spec.get("threads") is None:
+        return DEFAULT_PARAMS
+    return dataclasses.replace(DEFAULT_PARAMS, threads=spec["threads"])
+
+
 def load_weights(spec: dict) -> list[np.ndarray]:
     """Read every weight into its own in-memory (anonymous) array."""
     return [
@@ -186,6 +197,7 @@ def child_timing(spec: dict) -> dict:
     from onnx_magprune.selection import apply_plan, plan_global, target_count
 
     sparsity, repeats = spec["sparsity"], spec["repeats"]
+    params = selection_params(spec)
     rss_start = proc_status()
     t0 = time.perf_counter()
     pristine = load_weights(spec)
@@ -213,9 +225,9 @@ def child_timing(spec: dict) -> dict:
 
         # (2) the pruning pass
         t0 = time.perf_counter()
-        plans = plan_global(work, sparsity)
+        plans = plan_global(work, sparsity, params=params)
         t1 = time.perf_counter()
-        stats = [apply_plan(w, p) for w, p in zip(work, plans)]
+        stats = [apply_plan(w, p, params=params) for w, p in zip(work, plans)]
         t2 = time.perf_counter()
         select_s.append(t1 - t0)
         apply_s.append(t2 - t1)
@@ -272,14 +284,15 @@ def child_pass_rss(spec: dict) -> dict:
     """Peak RSS of: interpreter + package + weights in memory + one pass."""
     from onnx_magprune.selection import apply_plan, plan_global
 
+    params = selection_params(spec)
     base = proc_status()
     t0 = time.perf_counter()
     arrays = load_weights(spec)
     load_s = time.perf_counter() - t0
     loaded = proc_status()
     t0 = time.perf_counter()
-    plans = plan_global(arrays, spec["sparsity"])
-    stats = [apply_plan(a, p) for a, p in zip(arrays, plans)]
+    plans = plan_global(arrays, spec["sparsity"], params=params)
+    stats = [apply_plan(a, p, params=params) for a, p in zip(arrays, plans)]
     pass_s = time.perf_counter() - t0
     return {
         "load_seconds": load_s, "pass_seconds": pass_s,
@@ -319,7 +332,8 @@ def child_end_to_end(spec: dict) -> dict:
     dst = out_dir / "pruned.onnx"
     base = proc_status()
     t0 = time.perf_counter()
-    report = onnx_magprune.prune_file(spec["model_path"], dst, spec["sparsity"], scope="global")
+    report = onnx_magprune.prune_file(spec["model_path"], dst, spec["sparsity"], scope="global",
+                                      params=selection_params(spec))
     wall = time.perf_counter() - t0
     peak = peak_rss_bytes()
     hwm = proc_status().get("VmHWM")
@@ -445,6 +459,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="interleaved copy/pass repeats (default 5)")
     p.add_argument("--e2e-repeats", type=int, default=3, help="prune_file runs, one process each (default 3)")
     p.add_argument("--torch-repeats", type=int, default=1, help="torch runs, one process each (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="SelectionParams.threads for the pass and prune_file (default: the package default; "
+                        "0: one per core)")
     p.add_argument("--no-torch", action="store_true", help="skip torch even if it is installed")
     p.add_argument("--cold", action="store_true",
                    help="evict the data file from the page cache before each prune_file run")
@@ -456,6 +473,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--_extra", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def spec_params(threads) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(selection_params({"threads": threads}))
 
 
 def torch_importable() -> bool:
@@ -493,7 +516,7 @@ def main(argv=None) -> int:
         log(f"  built in {built['seconds']:.1f}s")
         spec = {"layout": layout, "sparsity": args.sparsity, "repeats": args.repeats,
                 "model_path": built["model_path"], "data_path": built["data_path"],
-                "out_dir": str(workdir / "out"), "cold": args.cold}
+                "out_dir": str(workdir / "out"), "cold": args.cold, "threads": args.threads}
         spec_path = workdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
 
@@ -514,7 +537,12 @@ def main(argv=None) -> int:
         else:
             for r in range(args.torch_repeats):
                 log(f"torch global_unstructured {r + 1}/{args.torch_repeats}")
-                torch_runs.append(run_child("torch", spec_path))
+                try:
+                    torch_runs.append(run_child("torch", spec_path))
+                except RuntimeError as e:  # e.g. killed for memory: report, keep the rest
+                    torch_note = str(e)
+                    log(f"  {e}")
+                    break
                 log(f"  {torch_runs[-1]['seconds']:.1f}s")
     finally:
         if args.keep:
@@ -550,7 +578,8 @@ def main(argv=None) -> int:
         "machine": machine(),
         "config": {"sparsity": args.sparsity, "seed": args.seed, "tensors": len(layout), "shape": [dim, dim],
                    "dtype": "float32", "repeats": args.repeats, "e2e_repeats": args.e2e_repeats,
-                   "torch_repeats": len(torch_runs), "page_cache": "cold" if args.cold else "warm"},
+                   "torch_repeats": len(torch_runs), "page_cache": "cold" if args.cold else "warm",
+                   "selection_params": spec_params(args.threads)},
         "n_params": n,
         "weight_bytes": weight_bytes,
         "build_seconds": built["seconds"],
@@ -588,6 +617,11 @@ def main(argv=None) -> int:
             "timing_process_note": "holds pristine + working copy + |w| buffer, so not a target",
         },
         "rss_ratio_to_weight_bytes": rss_ratio,
+        "rss_ratio_to_weight_bytes_above_import": {  # peak minus the RSS right after the imports
+            "pass": (pass_rss["peak_rss_bytes"] - pass_rss["rss_after_import"]) / weight_bytes,
+            "end_to_end": (max(r["peak_rss_bytes"] - r["rss_after_import"] for r in e2e) / weight_bytes
+                           if e2e else None),
+        },
         "exact": exact,
         "targets": {
             "pass_within_5x_copy": {"limit": PASS_TARGET_X, "ratio_of_medians": ratio_of_medians, "met": pass_ok},

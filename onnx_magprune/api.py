@@ -50,11 +50,15 @@ class _Target:
 
 
 def _config(config: PruneConfig | None, **overrides) -> PruneConfig:
-    return (config or PruneConfig()).with_overrides(**overrides)
+    try:
+        return (config or PruneConfig()).with_overrides(**overrides)
+    except TypeError as e:  # an unknown keyword option
+        raise ConfigError(str(e).replace("with_overrides()", "option")) from e
 
 
 def _discover(loaded: LoadedModel, cfg: PruneConfig) -> tuple[list[_Target], list[Skipped]]:
-    found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel)
+    found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel,
+                         include_overridable=cfg.include_overridable)
     targets: list[_Target] = []
     skipped = list(found.skipped)
     for w in found.weights:
@@ -169,10 +173,11 @@ def inspect_model(
     config: PruneConfig | None = None,
     exclude: Sequence[str] = (),
     min_numel: int | None = None,
+    include_overridable: bool | None = None,
 ) -> PruneReport:
     """What can be pruned, and what is skipped and why.  Nothing is changed."""
     loaded = load_model(model)
-    cfg = _config(config, exclude=exclude, min_numel=min_numel)
+    cfg = _config(config, exclude=exclude, min_numel=min_numel, include_overridable=include_overridable)
     return _run(loaded, TensorStore(loaded.base_dir), cfg, DEFAULT_PARAMS, prune=False, output=None)
 
 
@@ -182,17 +187,20 @@ def prune_model(
     scope: Scope | str | None = None,
     *,
     config: PruneConfig | None = None,
-    exclude: Sequence[str] = (),
-    min_numel: int | None = None,
-    nonfinite: NonFinite | str | None = None,
     params: SelectionParams = DEFAULT_PARAMS,
+    **options,
 ) -> PruneResult:
     """Prune a model in memory.  Returns ``(model, report)``; the input object
     or file is never modified.  External data is read into the returned model
-    (use :func:`prune_file` to keep it external, e.g. for models over 2 GiB)."""
+    (use :func:`prune_file` to keep it external, e.g. for models over 2 GiB).
+
+    ``options`` override ``config``: ``exclude`` (name globs), ``min_numel``,
+    ``nonfinite`` ("error" or "keep"), ``include_overridable``; see
+    :meth:`PruneConfig.with_overrides`.
+    """
     loaded = load_model(model)
     internalize_external_data(loaded)
-    cfg = _config(config, sparsity=sparsity, scope=scope, exclude=exclude, min_numel=min_numel, nonfinite=nonfinite)
+    cfg = _config(config, sparsity=sparsity, scope=scope, **options)
     report = _run(loaded, TensorStore(None), cfg, params, prune=True, output=None)
     return PruneResult(loaded.proto, report)
 
@@ -204,16 +212,15 @@ def prune_file(
     scope: Scope | str | None = None,
     *,
     config: PruneConfig | None = None,
-    exclude: Sequence[str] = (),
-    min_numel: int | None = None,
-    nonfinite: NonFinite | str | None = None,
     overwrite: bool = False,
     params: SelectionParams = DEFAULT_PARAMS,
+    **options,
 ) -> PruneReport:
     """Prune the model file ``source`` into ``output``, atomically.  External
-    data stays external, with its layout (offsets) unchanged."""
+    data stays external, with its layout (offsets) unchanged.  ``options`` as
+    for :func:`prune_model`."""
     loaded = load_model(source)
-    cfg = _config(config, sparsity=sparsity, scope=scope, exclude=exclude, min_numel=min_numel, nonfinite=nonfinite)
+    cfg = _config(config, sparsity=sparsity, scope=scope, **options)
     store = TensorStore(loaded.base_dir)
     report = _run(loaded, store, cfg, params, prune=True, output=str(output))
     save_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite)

@@ -72,6 +72,8 @@ _exclude_option = click.option("--exclude", multiple=True, metavar="GLOB",
                                help="Never prune tensors whose name matches GLOB (repeatable).")
 _min_numel_option = click.option("--min-numel", type=click.IntRange(min=0), default=None,
                                  help=f"Skip tensors with fewer elements [default: {DEFAULT_MIN_NUMEL}].")
+_overridable_option = click.option("--include-overridable", is_flag=True, default=None,
+                                   help="Also prune initializers listed as graph inputs (older exporters list all).")
 _report_option = click.option("--report", "report_path", type=click.Path(dir_okay=False),
                               help="Write the JSON report here.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
@@ -83,12 +85,14 @@ _all_option = click.option("--all", "all_skipped", is_flag=True, help="List ever
 @_config_option
 @_exclude_option
 @_min_numel_option
+@_overridable_option
 @_report_option
 @_json_option
 @_all_option
-def inspect(model, config_path, exclude, min_numel, report_path, as_json, all_skipped):
+def inspect(model, config_path, exclude, min_numel, include_overridable, report_path, as_json, all_skipped):
     """List the prunable weights of MODEL, and every skipped tensor with its reason."""
-    report = inspect_model(model, config=_base_config(config_path), exclude=exclude, min_numel=min_numel)
+    report = inspect_model(model, config=_base_config(config_path), exclude=exclude, min_numel=min_numel,
+                           include_overridable=include_overridable)
     _emit(report, report_path, as_json, False, all_skipped)
 
 
@@ -106,14 +110,16 @@ def inspect(model, config_path, exclude, min_numel, report_path, as_json, all_sk
 @_config_option
 @_exclude_option
 @_min_numel_option
+@_overridable_option
 @_report_option
 @_json_option
 @_all_option
 def prune(model, output, sparsity, scope, nonfinite, overwrite, quiet, config_path, exclude, min_numel,
-          report_path, as_json, all_skipped):
+          include_overridable, report_path, as_json, all_skipped):
     """Zero the smallest-magnitude weights of MODEL and write OUTPUT."""
     report = prune_file(model, output, sparsity, scope, config=_base_config(config_path), exclude=exclude,
-                        min_numel=min_numel, nonfinite=nonfinite, overwrite=overwrite)
+                        min_numel=min_numel, nonfinite=nonfinite, include_overridable=include_overridable,
+                        overwrite=overwrite)
     _emit(report, report_path, as_json, quiet, all_skipped)
 
 

@@ -6,6 +6,7 @@ A config file sets the same options as the command line plus ordered rules::
     scope = "global"          # "global": one threshold for all; "local": each tensor alone
     min_numel = 128           # tensors with fewer elements are skipped
     nonfinite = "error"       # "error" or "keep" (NaN/Inf are never pruned, not counted)
+    include_overridable = false  # also prune initializers listed as graph inputs
     exclude = ["lm_head*"]    # shorthand: rules that exclude these name globs
 
     [[rules]]                 # the first rule that matches a tensor applies
@@ -112,6 +113,7 @@ class PruneConfig:
     scope: Scope = Scope.GLOBAL
     min_numel: int = DEFAULT_MIN_NUMEL
     nonfinite: NonFinite = NonFinite.ERROR
+    include_overridable: bool = False
     rules: tuple[Rule, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
@@ -121,6 +123,8 @@ class PruneConfig:
         object.__setattr__(self, "nonfinite", _enum(NonFinite, self.nonfinite, "nonfinite"))
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ConfigError(f"min_numel must be a non-negative integer, got {self.min_numel!r}")
+        if not isinstance(self.include_overridable, bool):
+            raise ConfigError(f"include_overridable must be true or false, got {self.include_overridable!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
 
     def rule_for(self, tensor_name: str, ops: Sequence[str]) -> Rule | None:
@@ -133,9 +137,12 @@ class PruneConfig:
         scope: Scope | str | None = None,
         min_numel: int | None = None,
         nonfinite: NonFinite | str | None = None,
+        include_overridable: bool | None = None,
         exclude: Sequence[str] = (),
     ) -> "PruneConfig":
         changes: dict[str, Any] = {}
+        if include_overridable is not None:
+            changes["include_overridable"] = include_overridable
         if sparsity is not None:
             changes["sparsity"] = sparsity
         if scope is not None:
@@ -155,6 +162,7 @@ class PruneConfig:
             "scope": self.scope.value,
             "min_numel": self.min_numel,
             "nonfinite": self.nonfinite.value,
+            "include_overridable": self.include_overridable,
             "rules": [
                 {k: v for k, v in {
                     "name": r.name, "op": r.op, "exclude": r.exclude or None, "sparsity": r.sparsity,
@@ -165,7 +173,8 @@ class PruneConfig:
         }
 
 
-_TOP_KEYS = {"sparsity", "scope", "min_numel", "nonfinite", "exclude", "rules"}
+_SCALAR_KEYS = ("sparsity", "scope", "min_numel", "nonfinite", "include_overridable")
+_TOP_KEYS = {*_SCALAR_KEYS, "exclude", "rules"}
 _RULE_KEYS = {"name", "op", "exclude", "sparsity", "min_sparsity", "max_sparsity"}
 
 
@@ -198,7 +207,7 @@ def config_from_dict(raw: Any, source: str = "config") -> PruneConfig:
     if not isinstance(raw_rules, list):
         raise ConfigError(f"{source}: rules must be a list of tables")
     rules += [_rule_from(r, f"{source}: rules[{i}]") for i, r in enumerate(raw_rules)]
-    kwargs = {k: raw[k] for k in ("sparsity", "scope", "min_numel", "nonfinite") if k in raw}
+    kwargs = {k: raw[k] for k in _SCALAR_KEYS if k in raw}
     try:
         return PruneConfig(rules=tuple(rules), **kwargs)
     except ConfigError as e:

@@ -30,7 +30,13 @@ WEIGHT_SLOTS: dict[tuple[str, str], frozenset[int] | None] = {
     ("com.microsoft", "FusedMatMul"): frozenset({0, 1}),
     ("com.microsoft", "FusedGemm"): frozenset({0, 1}),
     ("com.microsoft", "FusedConv"): frozenset({1}),
+    ("com.microsoft", "Attention"): frozenset({1}),
+    ("com.microsoft", "GemmFastGelu"): frozenset({1}),
 }
+
+#: Ops that read only a tensor's shape, never its values: such uses neither
+#: make a tensor a weight nor stop it being one.
+_METADATA_ONLY: dict[tuple[str, str], int] = {("", "Shape"): 0, ("", "Size"): 0}
 
 #: (domain, op_type) -> the data slot a layout-only op passes through.
 _PASS_THROUGH: dict[tuple[str, str], int] = {
@@ -125,6 +131,8 @@ def _trace(value: Value, index: GraphIndex) -> tuple[list[Use], list[tuple[str, 
             slots = WEIGHT_SLOTS.get(use.op, frozenset())
             if use.node is not None and (slots is None or use.slot in slots):
                 weight_uses.append(use)
+            elif _METADATA_ONLY.get(use.op) == use.slot:
+                continue
             elif _passes_through(use, index):
                 stack.extend(v for v in index.outputs_of(use.node) if v is not None)
             elif use.node is None:
@@ -138,14 +146,17 @@ def _trace(value: Value, index: GraphIndex) -> tuple[list[Use], list[tuple[str, 
     return weight_uses, other
 
 
-def find_weights(index: GraphIndex, *, min_numel: int) -> Discovery:
+def find_weights(index: GraphIndex, *, min_numel: int, include_overridable: bool = False) -> Discovery:
+    """Weights and skipped constants.  ``include_overridable`` treats
+    initializers that are also graph inputs (as older exporters and IR < 4
+    models list every initializer) as ordinary constants."""
     weights: list[Weight] = []
     skipped: list[Skipped] = []
     for value in index.constants():
         tensor = value.tensor
         shape = tuple(tensor.dims) if tensor is not None else ()
         dtype = dtype_name(tensor.data_type) if tensor is not None else "sparse"
-        reason = _static_reason(value, min_numel)
+        reason = _static_reason(value, min_numel, include_overridable)
         uses: list[Use] = []
         if reason is None:
             uses, other = _trace(value, index)
@@ -161,12 +172,13 @@ def find_weights(index: GraphIndex, *, min_numel: int) -> Discovery:
     return Discovery(weights, skipped)
 
 
-def _static_reason(value: Value, min_numel: int) -> str | None:
+def _static_reason(value: Value, min_numel: int, include_overridable: bool) -> str | None:
     """Why ``value`` cannot be a weight whatever it feeds, or None."""
     if value.kind in ("sparse_initializer", "sparse_constant"):
         return "stored as a sparse tensor (already encoded; decode it first)"
-    if value.overridable:
-        return "initializer is also a graph input, so callers can override it at run time"
+    if value.overridable and not include_overridable:
+        return ("initializer is also a graph input, so callers can override it at run time "
+                "(--include-overridable prunes it)")
     if value.duplicate:
         return "its name is bound more than once in its graph"
     tensor = value.tensor

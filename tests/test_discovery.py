@@ -159,7 +159,8 @@ def test_every_skip_reason():
     weights, skipped = discover(m)
     assert set(weights) == {"Wg"}
     assert skipped == {
-        "Over": "initializer is also a graph input, so callers can override it at run time",
+        "Over": "initializer is also a graph input, so callers can override it at run time "
+                "(--include-overridable prunes it)",
         "Cbias": "also feeds a non-weight input: Gemm input 2",
         "Tiny": "too small: 8 elements, below min_numel 16",
         "Bias": "1-D tensor (bias, scale or norm parameter)",
@@ -212,3 +213,20 @@ def test_unsorted_nodes_are_indexed():
     m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8])], [init("W1", (8, 8)), init("W2", (8, 8), 1)])
     weights, _ = discover(m)
     assert set(weights) == {"W1", "W2"}
+
+
+def test_overridable_initializers_can_be_included():
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [vi("x", [1, 8]), vi("W", [8, 8])], [vi("y", [1, 8])],
+                              initializer=[init("W", (8, 8))])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert discover(m)[0] == {}
+    found = find_weights(GraphIndex(m), min_numel=16, include_overridable=True)
+    assert [w.name for w in found.weights] == ["W"]
+
+
+def test_shape_reads_do_not_block_a_weight():
+    nodes = [helper.make_node("Shape", ["W"], ["s"]), helper.make_node("MatMul", ["x", "W"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8]), vi("s", [2], TensorProto.INT64)], [init("W", (8, 8))])
+    weights, skipped = discover(m)
+    assert set(weights) == {"W"} and not skipped

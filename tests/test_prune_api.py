@@ -161,6 +161,8 @@ def test_missing_sparsity_and_bad_options_are_config_errors(mlp_model):
         mp.prune_model(mlp_model, sparsity=1.5)
     with pytest.raises(mp.ConfigError, match="scope must be one of"):
         mp.prune_model(mlp_model, sparsity=0.5, scope="sideways")
+    with pytest.raises(mp.ConfigError, match="unexpected keyword argument 'sparsty'"):
+        mp.prune_model(mlp_model, sparsty=0.5)
 
 
 def test_inspect_reports_without_changing(mlp_model):
