@@ -3,8 +3,9 @@
 A constant (initializer or Constant-node tensor) is a weight when it is
 floating point and *every* path from it, through layout-only ops (Transpose,
 Reshape, Identity, Squeeze/Unsqueeze, Flatten, Cast to a float type,
-Slice/Split, Gather with constant indices, a Quantize/Dequantize pair), ends
-in a weight slot (:data:`WEIGHT_SLOTS`).  Each check returns *why* a tensor is
+Slice/Split/Concat, Expand/Tile/Pad, Gather with constant indices, a
+Quantize/Dequantize pair), ends in a weight slot (:data:`WEIGHT_SLOTS`).
+Shape and Size read no values, so their uses are ignored.  Each check returns *why* a tensor is
 not a weight rather than raising, so ``inspect`` can print it.
 """
 
@@ -38,21 +39,14 @@ WEIGHT_SLOTS: dict[tuple[str, str], frozenset[int] | None] = {
 #: make a tensor a weight nor stop it being one.
 _METADATA_ONLY: dict[tuple[str, str], int] = {("", "Shape"): 0, ("", "Size"): 0}
 
-#: (domain, op_type) -> the data slot a layout-only op passes through.
-_PASS_THROUGH: dict[tuple[str, str], int] = {
-    ("", "Transpose"): 0,
-    ("", "Reshape"): 0,
-    ("", "Identity"): 0,
-    ("", "Squeeze"): 0,
-    ("", "Unsqueeze"): 0,
-    ("", "Flatten"): 0,
-    ("", "Cast"): 0,
-    ("", "CastLike"): 0,
-    ("", "Slice"): 0,
-    ("", "Split"): 0,
-    ("", "Gather"): 0,
-    ("", "QuantizeLinear"): 0,
-    ("", "DequantizeLinear"): 0,
+#: (domain, op_type) -> the data slots a layout-only (pure data movement) op
+#: passes through unchanged; None means every input.
+_PASS_THROUGH: dict[tuple[str, str], frozenset[int] | None] = {
+    **{("", op): frozenset({0}) for op in (
+        "Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Cast", "CastLike", "Slice",
+        "Split", "Gather", "Expand", "Tile", "Pad", "QuantizeLinear", "DequantizeLinear",
+    )},
+    ("", "Concat"): None,  # e.g. PyTorch's LSTM export re-orders gate blocks with Slice + Concat
 }
 
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
@@ -106,7 +100,10 @@ def _is_constant(value: Value | None) -> bool:
 
 def _passes_through(use: Use, index: GraphIndex) -> bool:
     node = use.node
-    if node is None or _PASS_THROUGH.get(use.op) != use.slot:
+    if node is None or use.op not in _PASS_THROUGH:
+        return False
+    slots = _PASS_THROUGH[use.op]
+    if slots is not None and use.slot not in slots:
         return False
     op = use.op[1]
     if op == "Cast":

@@ -230,3 +230,21 @@ def test_shape_reads_do_not_block_a_weight():
     m = make_model(nodes, [vi("x", [1, 8])], [vi("y", [1, 8]), vi("s", [2], TensorProto.INT64)], [init("W", (8, 8))])
     weights, skipped = discover(m)
     assert set(weights) == {"W"} and not skipped
+
+
+def test_lstm_gate_reordering_with_slice_and_concat():
+    # PyTorch's exporter without constant folding: W[128, 64] -> 4 Slices -> Concat -> Unsqueeze -> LSTM W
+    consts, slices = [], []
+    for i in range(4):
+        consts += [numpy_helper.from_array(np.array([i * 8], np.int64), f"s{i}"),
+                   numpy_helper.from_array(np.array([(i + 1) * 8], np.int64), f"e{i}")]
+        slices.append(helper.make_node("Slice", ["W", f"s{i}", f"e{i}", "ax"], [f"g{i}"]))
+    consts.append(numpy_helper.from_array(np.array([0], np.int64), "ax"))
+    nodes = slices + [helper.make_node("Concat", ["g0", "g3", "g1", "g2"], ["Wc"], axis=0),
+                      helper.make_node("Unsqueeze", ["Wc", "ax"], ["Wu"]),
+                      helper.make_node("LSTM", ["x", "Wu", "R"], ["y"], hidden_size=8)]
+    m = make_model(nodes, [vi("x", [2, 1, 3])], [vi("y", None)],
+                   [init("W", (32, 3)), init("R", (1, 32, 8), 1)] + consts)
+    weights, _ = discover(m)
+    assert set(weights) == {"W", "R"}
+    assert len(weights["W"].uses) == 1 and weights["W"].consumers() == ["LSTM"]
