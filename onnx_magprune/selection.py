@@ -55,8 +55,8 @@ class SelectionParams:
     chunks_per_block: int = 16
     threads: int = 1  # 0: one per core (at most 8); measured slower on 2-vCPU machines
     direct_max: int = 1 << 21
-    sample_size: int = 1 << 20
-    candidate_cap: int = 1 << 21
+    sample_size: int = 1 << 16  # strided reads: each sample costs about one cache miss
+    candidate_cap: int = 1 << 21  # raised to n/32 for large pools
     split_ways: int = 16
 
 
@@ -243,6 +243,7 @@ def _count(arrays, lo: float, hi: float, params: SelectionParams, collect: bool)
     lock = threading.Lock()
     collected = [0]
     overflow = [not collect]
+    cap = max(params.candidate_cap, sum(int(a.size) for a in arrays) // 32)
 
     def count_block(i: int, _start: int, block: np.ndarray):
         cd = compare_dtype(block.dtype)
@@ -262,7 +263,7 @@ def _count(arrays, lo: float, hi: float, params: SelectionParams, collect: bool)
             if c_hi > c_lo and not overflow[0]:
                 with lock:
                     collected[0] += c_hi - c_lo
-                    overflow[0] = collected[0] > params.candidate_cap
+                    overflow[0] = collected[0] > cap
                 if not overflow[0]:
                     np.not_equal(b_lo, b_hi, out=b_hi)  # lo <= m < hi
                     mine.append(m[b_hi].astype(np.float64))
