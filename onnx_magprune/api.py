@@ -120,7 +120,7 @@ def _run(loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: Sele
     needs_sparsity = any(t.selection != "fixed" for t in targets)
     if prune and needs_sparsity and cfg.sparsity is None:
         raise ConfigError("no sparsity given: pass --sparsity (or sparsity= in Python, or in the config file)")
-    arrays = [store.read(t.weight.tensor) for t in targets]
+    arrays = [store.read(t.weight.tensor, writable=prune) for t in targets]
     rows: list[TensorReport] = []
     target_zeros = None
     if prune:

@@ -183,13 +183,37 @@ def _temp_beside(final: Path) -> Path:
 
 
 def _write_data_file(src: Path, temp: Path, writes: list[tuple[ExternalRef, bytes | memoryview]]) -> None:
-    shutil.copyfile(src, temp)
-    with open(temp, "r+b") as f:
+    """``src`` with the ``writes`` in place: unchanged ranges are copied, new
+    ranges written, so every byte is written once."""
+    writes = sorted(writes, key=lambda w: w[0].offset)
+    with open(src, "rb") as fin, open(temp, "wb") as fout:
+        pos = 0
         for ref, payload in writes:
-            f.seek(ref.offset)
-            f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+            if ref.offset < pos:
+                raise OutputError(f"external data ranges overlap in '{ref.location}'")
+            fin.seek(pos)
+            shutil.copyfileobj(_Limited(fin, ref.offset - pos), fout, 1 << 20)
+            fout.write(payload)
+            pos = ref.offset + ref.length
+        fin.seek(pos)
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+class _Limited:
+    """A read-only view of the next ``n`` bytes of a file."""
+
+    def __init__(self, f, n: int):
+        self.f, self.left = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.f.read(size)
+        self.left -= len(data)
+        return data
 
 
 def save_model(

@@ -4,8 +4,8 @@ Values stay where the exporter put them: a tensor stored in ``raw_data`` is
 written back to ``raw_data``, one stored in a typed field (``float_data``,
 ``int32_data`` for float16/bfloat16, ``double_data``) is written back there,
 and one stored as external data is read through a copy-on-write memory map
-and its new bytes are handed to the writer at save time, so nothing else in
-the model changes.
+and is read into memory (or mapped read-only, for inspection); its new bytes
+are handed to the writer at save time, so nothing else in the model changes.
 """
 
 from __future__ import annotations
@@ -60,14 +60,16 @@ class TensorStore:
         self.external_writes: list[tuple[ExternalRef, np.ndarray]] = []
         self._refs: dict[int, ExternalRef] = {}
 
-    def read(self, tensor: TensorProto) -> np.ndarray:
+    def read(self, tensor: TensorProto, *, writable: bool = True) -> np.ndarray:
+        """The tensor's values.  ``writable=False`` may return a read-only
+        memory map of external data instead of reading it into memory."""
         if tensor.data_type not in FLOAT_TYPES:
             raise ModelLoadError(f"tensor '{tensor.name}' is {dtype_name(tensor.data_type)}, not floating point")
         dtype = np_dtype(tensor.data_type)
         shape = tuple(tensor.dims)
         n = numel(tensor)
         if uses_external_data(tensor):
-            return self._read_external(tensor, dtype, shape, n)
+            return self._read_external(tensor, dtype, shape, n, writable)
         if tensor.raw_data:
             if len(tensor.raw_data) != n * dtype.itemsize:
                 raise ModelLoadError(
@@ -84,7 +86,7 @@ class TensorStore:
             return np.asarray(field, dtype=np.int64).astype(np.uint16).view(dtype).reshape(shape)
         return np.asarray(field, dtype=dtype).reshape(shape)
 
-    def _read_external(self, tensor: TensorProto, dtype: np.dtype, shape, n: int) -> np.ndarray:
+    def _read_external(self, tensor: TensorProto, dtype: np.dtype, shape, n: int, writable: bool) -> np.ndarray:
         if self.base_dir is None:
             raise ModelLoadError(
                 f"tensor '{tensor.name}' uses external data but the model was given without its file path"
@@ -95,10 +97,15 @@ class TensorStore:
             return np.empty(shape, dtype)
         bits = np.dtype(f"<u{dtype.itemsize}")
         try:
-            mapped = np.memmap(ref.path, dtype=bits, mode="c", offset=ref.offset, shape=(n,))
+            if writable:  # one read() into memory: cheaper than copy-on-write page faults
+                raw = np.fromfile(ref.path, dtype=bits, count=n, offset=ref.offset)
+            else:
+                raw = np.memmap(ref.path, dtype=bits, mode="r", offset=ref.offset, shape=(n,))
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"tensor '{tensor.name}': cannot map external data '{ref.location}': {e}") from e
-        return mapped.view(dtype).reshape(shape)
+            raise ModelLoadError(f"tensor '{tensor.name}': cannot read external data '{ref.location}': {e}") from e
+        if raw.size != n:
+            raise ModelLoadError(f"tensor '{tensor.name}': external data '{ref.location}' ended early")
+        return raw.view(dtype).reshape(shape)
 
     def write(self, tensor: TensorProto, array: np.ndarray) -> None:
         """Store ``array`` (same shape and dtype as read) as ``tensor``'s values."""
