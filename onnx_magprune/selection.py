@@ -55,7 +55,7 @@ class SelectionParams:
     chunks_per_block: int = 16
     threads: int = 1  # 0: one per core (at most 8); measured slower on 2-vCPU machines
     direct_max: int = 1 << 21
-    sample_size: int = 1 << 16  # strided reads: each sample costs about one cache miss
+    sample_size: int = 1 << 16  # at least; n/1024 for larger pools (each sample costs about one cache miss)
     candidate_cap: int = 1 << 21  # raised to n/32 for large pools
     split_ways: int = 16
 
@@ -213,7 +213,8 @@ def _sample(arrays: Sequence[np.ndarray], params: SelectionParams) -> np.ndarray
     prime stride, so rows of any width are sampled across all columns).
     Strided reads touch a fraction of the memory: no full pass."""
     total = sum(int(a.size) for a in arrays)
-    stride = _prime_at_least(total // params.sample_size) if total > params.sample_size else 1
+    size = max(params.sample_size, min(total // 1024, 16 * params.sample_size))
+    stride = _prime_at_least(total // size) if total > size else 1
     parts, pos = [], 0
     for a in arrays:
         picked = _flat(a)[(-pos) % stride :: stride]
