@@ -321,9 +321,12 @@ def child_end_to_end(spec: dict) -> dict:
                 rss_after[name] = proc_status()
         return wrapper
 
-    for name, attr in (("load_model", "load_model"), ("discover", "_discover"),
-                       ("select", "plan_global"), ("apply", "apply_plan"), ("save", "save_model")):
+    for name, attr in (("load_model", "load_model"), ("discover", "find_weights"),
+                       ("select", "plan_targets"), ("apply", "apply_plan"), ("save", "save_model")):
         setattr(api, attr, timed(name, getattr(api, attr)))
+    from onnx_magprune.tensor_data import TensorStore
+
+    TensorStore.read = timed("read", TensorStore.read)
 
     if spec.get("cold"):
         drop_page_cache(spec["data_path"])
@@ -469,6 +472,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help=f"where to build the model (default: a new temp dir under {CACHE})")
     p.add_argument("--keep", action="store_true", help="keep the built model and the work dir")
+    p.add_argument("--write-readme", action="store_true",
+                   help="also save benchmarks/results/prune_speed.json and rewrite the README's speed table")
     p.add_argument("--_child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--_spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--_extra", default=None, help=argparse.SUPPRESS)
@@ -635,7 +640,61 @@ def main(argv=None) -> int:
     }
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
+    if args.write_readme:
+        write_results(result)
     return 0
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+RESULTS = Path(__file__).resolve().parent / "results"
+MARK_START, MARK_END = "<!-- prune-speed:start -->", "<!-- prune-speed:end -->"
+
+
+def readme_block(r: dict) -> str:
+    """The README's speed table, generated from one run's JSON (no number typed by hand)."""
+    m, t = r["machine"], r["targets"]
+    ms = lambda x: f"{x * 1000:.0f} ms"  # noqa: E731
+    sec = lambda sp: f"{ms(sp['median'])} (min {ms(sp['min'])}, max {ms(sp['max'])})"  # noqa: E731
+    rows = [
+        ("weights", f"{r['n_params']:,} float32 ({r['weight_bytes'] / 2**20:.0f} MiB) in "
+                    f"{r['config']['tensors']} external-data tensors, pruned globally at "
+                    f"{r['config']['sparsity']:.0%}"),
+        ("pruning pass (select + zero, in memory)", sec(r["pass_seconds"])),
+        ("one copy, `np.copyto` into warm arrays", sec(r["copy_seconds"]["copyto"])),
+        ("one copy, `arr.copy()` (allocation included)", sec(r["copy_seconds"]["copy"])),
+        ("pass / copy (median of per-repeat ratios)",
+         f"{r['ratio_pass_to_copy']['copyto']['per_repeat']['median']:.1f}x `copyto`, "
+         f"{r['ratio_pass_to_copy']['copy']['per_repeat']['median']:.1f}x `copy()` (target 5x)"),
+        ("`np.partition` of all \|w\| (needs a second full-size buffer)", sec(r["partition_seconds"])),
+        ("`torch.nn.utils.prune.global_unstructured`",
+         f"{r['torch_seconds']:.1f} s, peak RSS {r['torch']['peak_rss_bytes'] / r['weight_bytes']:.1f}x the weights"
+         if r["torch_seconds"] else r["torch"].get("note", "not run")),
+        ("`prune_file` end to end (read, prune, write, fsync)", sec(r["end_to_end_seconds"])
+         if r["end_to_end_seconds"] else "not run"),
+        ("peak RSS / weight bytes", f"pass {r['rss_ratio_to_weight_bytes']['pass']:.2f}, end to end "
+                                    f"{r['rss_ratio_to_weight_bytes']['end_to_end']:.2f} (target < 2)"),
+        ("exactly round(S x N) zeroed, the smallest ones", str(r["exact"]["pass_exact"] and
+                                                               r["exact"]["end_to_end_exact"])),
+    ]
+    lines = [f"Measured by `python benchmarks/prune_speed.py --write-readme` on {m['cpu_model']}, "
+             f"{m['cores']} cores, numpy {m['numpy']}, onnxruntime {m['onnxruntime']}, "
+             f"{r['config']['repeats']} interleaved repeats:", "", "| what | figure |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    met = t["pass_within_5x_copy"]["met"]
+    lines += ["", f"Pass within 5x of a copy: {'met' if met['copy'] else 'missed'} against `arr.copy()`, "
+                  f"{'met' if met['copyto'] else 'missed'} against `copyto` into warm memory. "
+                  f"Peak RSS under 2x the weights: "
+                  f"{'met' if all(v for v in t['peak_rss_under_2x_weight_bytes']['met'].values()) else 'missed'}."]
+    return "\n".join(lines)
+
+
+def write_results(result: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "prune_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = README.read_text()
+    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
+    README.write_text(text[:start] + "\n" + readme_block(result) + "\n" + text[end:])
+    log(f"wrote {RESULTS / 'prune_speed.json'} and the README's speed table")
 
 
 if __name__ == "__main__":

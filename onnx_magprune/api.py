@@ -1,34 +1,27 @@
 """The Python API: inspect and prune a model.
 
-Data flows one way: load -> index the graph -> find weights -> apply config
-rules -> select (pure numpy) -> apply -> save atomically -> report.
+Data flows one way: load (model_io) -> index the graph (graph_index) -> find
+weights (discovery) -> apply config rules and select (planning, selection) ->
+zero in place (selection) -> save atomically (model_io) -> report.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import onnx
 
 from . import __version__
-from .config import NonFinite, PruneConfig, Rule, Scope
-from .discovery import Skipped, Weight, find_weights
-from .errors import ConfigError, NonFiniteWeightError
+from .config import PruneConfig, Scope
+from .discovery import find_weights
+from .errors import ConfigError
 from .graph_index import GraphIndex
 from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, save_model
+from .planning import apply_rules, plan_targets
 from .report import PruneReport, SkippedReport, TensorReport, Totals
-from .selection import (
-    DEFAULT_PARAMS,
-    ArrayPlan,
-    NonFiniteValues,
-    SelectionParams,
-    apply_plan,
-    plan_global,
-    plan_local,
-)
+from .selection import DEFAULT_PARAMS, SelectionParams, apply_plan
 from .tensor_data import TensorStore, dtype_name, numel
 
 ModelSource = str | os.PathLike | onnx.ModelProto
@@ -39,16 +32,6 @@ class PruneResult(NamedTuple):
     report: PruneReport
 
 
-@dataclass
-class _Target:
-    """A weight and how its sparsity is chosen."""
-
-    weight: Weight
-    selection: str  # "global", "local" or "fixed"
-    sparsity: float | None
-    bounds: tuple[float, float] = (0.0, 1.0)
-
-
 def _config(config: PruneConfig | None, **overrides) -> PruneConfig:
     try:
         return (config or PruneConfig()).with_overrides(**overrides)
@@ -56,67 +39,15 @@ def _config(config: PruneConfig | None, **overrides) -> PruneConfig:
         raise ConfigError(str(e).replace("with_overrides()", "option")) from e
 
 
-def _discover(loaded: LoadedModel, cfg: PruneConfig) -> tuple[list[_Target], list[Skipped]]:
-    found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel,
-                         include_overridable=cfg.include_overridable)
-    targets: list[_Target] = []
-    skipped = list(found.skipped)
-    for w in found.weights:
-        rule: Rule | None = cfg.rule_for(w.name, w.consumers())
-        if rule is not None and rule.exclude:
-            t = w.tensor
-            skipped.append(Skipped(w.name, w.value.where(), f"excluded by {rule.describe()}",
-                                   _dtype(t), tuple(t.dims)))
-        elif rule is not None and rule.sparsity is not None:
-            targets.append(_Target(w, "fixed", rule.sparsity))
-        else:
-            bounds = rule.bounds if rule is not None else (0.0, 1.0)
-            targets.append(_Target(w, cfg.scope.value, cfg.sparsity, bounds))
-    return targets, skipped
-
-
-def _dtype(tensor: onnx.TensorProto) -> str:
-    return dtype_name(tensor.data_type)
-
-
 def _total_params(model: onnx.ModelProto) -> int:
     return sum(numel(t) for t in iter_all_tensors(model))
 
 
-def _plans(targets: list[_Target], arrays: list[np.ndarray], cfg: PruneConfig,
-           params: SelectionParams) -> list[ArrayPlan]:
-    keep = cfg.nonfinite is NonFinite.KEEP
-    plans: list[ArrayPlan | None] = [None] * len(targets)
-    pool = [i for i, t in enumerate(targets) if t.selection == "global"]
-    current: list[int] = []  # the targets of the selection under way, to name a NaN's tensor
-    try:
-        for i, t in enumerate(targets):
-            current = [i]
-            if t.selection == "fixed":
-                plans[i] = plan_local(arrays[i], t.sparsity, keep_nonfinite=keep, params=params)
-            elif t.selection == "local":
-                lo, hi = t.bounds
-                plans[i] = plan_local(arrays[i], min(max(t.sparsity, lo), hi), keep_nonfinite=keep, params=params)
-        if pool:
-            current = pool
-            pooled = plan_global([arrays[i] for i in pool], cfg.sparsity, bounds=[targets[i].bounds for i in pool],
-                                 keep_nonfinite=keep, params=params)
-            for i, p in zip(pool, pooled):
-                plans[i] = p
-    except NonFiniteValues as e:
-        name = targets[current[e.array_index]].weight.name
-        raise NonFiniteWeightError(
-            f"weight '{name}' holds {e.count} NaN/Inf value(s); fix the model, exclude it, "
-            f"or pass --nonfinite keep to leave such values unpruned"
-        ) from e
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    return plans  # type: ignore[return-value]
-
-
 def _run(loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: SelectionParams,
          *, prune: bool, output: str | None) -> PruneReport:
-    targets, skipped = _discover(loaded, cfg)
+    found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel,
+                         include_overridable=cfg.include_overridable)
+    targets, skipped = apply_rules(found, cfg)
     needs_sparsity = any(t.selection != "fixed" for t in targets)
     if prune and needs_sparsity and cfg.sparsity is None:
         raise ConfigError("no sparsity given: pass --sparsity (or sparsity= in Python, or in the config file)")
@@ -124,7 +55,7 @@ def _run(loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: Sele
     rows: list[TensorReport] = []
     target_zeros = None
     if prune:
-        plans = _plans(targets, arrays, cfg, params)
+        plans = plan_targets(targets, arrays, cfg, params)
         target_zeros = sum(p.pruned for p in plans)
     for i, (t, arr) in enumerate(zip(targets, arrays)):
         tensor = t.weight.tensor
@@ -138,7 +69,7 @@ def _run(loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: Sele
             threshold = None
         rows.append(TensorReport(
             name=t.weight.name, where=t.weight.value.where(), consumers=t.weight.consumers(),
-            shape=list(tensor.dims), dtype=_dtype(tensor), numel=int(arr.size),
+            shape=list(tensor.dims), dtype=dtype_name(tensor.data_type), numel=int(arr.size),
             zeros_before=zeros_before, zeros_after=zeros_after,
             sparsity=zeros_after / arr.size if arr.size else 0.0,
             threshold=threshold,
