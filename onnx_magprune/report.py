@@ -100,6 +100,7 @@ def _table_lines(report: PruneReport, all_skipped: bool) -> list[str]:
     pruning = report.command == "prune"
     head = ["weight", "op", "shape", "dtype", "numel", "zeros"]
     head += ["sparsity", "threshold", "selection"] if pruning else ["sparsity"]
+    head.append("where")
     rows = [head]
     for t in report.tensors:
         zeros = f"{_fmt_int(t.zeros_before)} -> {_fmt_int(t.zeros_after)}" if pruning else _fmt_int(t.zeros_before)
@@ -109,9 +110,9 @@ def _table_lines(report: PruneReport, all_skipped: bool) -> list[str]:
             row += [f"{t.sparsity:.2%}", threshold, t.selection]
         else:
             row += [f"{t.sparsity:.2%}"]
-        rows.append(row)
+        rows.append(row + [t.where])
     if report.tensors:
-        lines += _columns(rows, right={4, 5, 6, 7})
+        lines += _columns(rows, right={4, 5, 6, 7} if pruning else {4, 5, 6})
     else:
         lines.append("no prunable weights found")
     shown = [s for s in report.skipped if all_skipped or _worth_showing(s)]
