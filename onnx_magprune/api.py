@@ -16,13 +16,14 @@ import onnx
 from . import __version__
 from .config import PruneConfig, Scope
 from .discovery import find_weights
-from .errors import ConfigError
+from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
-from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, save_model
+from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, stage_model
 from .planning import apply_rules, plan_targets
 from .report import PruneReport, SkippedReport, TensorReport, Totals
 from .selection import DEFAULT_PARAMS, SelectionParams, apply_plan
 from .tensor_data import TensorStore, dtype_name, numel
+from .validate import ValidationRequest
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 
@@ -145,14 +146,31 @@ def prune_file(
     config: PruneConfig | None = None,
     overwrite: bool = False,
     params: SelectionParams = DEFAULT_PARAMS,
+    validation: ValidationRequest | None = None,
     **options,
 ) -> PruneReport:
     """Prune the model file ``source`` into ``output``, atomically.  External
     data stays external, with its layout (offsets) unchanged.  ``options`` as
-    for :func:`prune_model`."""
+    for :func:`prune_model`.
+
+    With ``validation``, the staged output is validated against ``source``
+    before it is put in place; when a gate fails nothing is written and
+    :class:`GateFailed` is raised (its ``report`` holds the full report)."""
     loaded = load_model(source)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
     store = TensorStore(loaded.base_dir)
     report = _run(loaded, store, cfg, params, prune=True, output=str(output))
-    save_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite)
+    staged = stage_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite)
+    try:
+        if validation is not None:
+            report.validation = validation.run(source, staged.path)
+            report.validation.pruned = str(output)
+            if not report.validation.passed:
+                failed = [g for g in report.validation.gates if not g.passed]
+                raise GateFailed(f"{len(failed)} quality gate(s) failed ({', '.join(g.gate for g in failed)}); "
+                                 f"'{output}' was not written", report=report)
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
     return report

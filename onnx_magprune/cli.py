@@ -13,10 +13,14 @@ import click
 
 from . import __version__
 from .api import inspect_model, prune_file
+from .bench import BenchOptions, bench_models
+from .calibration import SyntheticSpec, parse_shape
 from .config import DEFAULT_MIN_NUMEL, NonFinite, PruneConfig, Scope, load_config
-from .errors import MagpruneError
+from .errors import GateFailed, MagpruneError
 from .model_io import write_text_atomic
 from .report import PruneReport
+from .validate import RuntimeOptions, ValidationRequest, validate_models
+from .validation_report import Gates
 
 
 class _Group(click.Group):
@@ -25,6 +29,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except GateFailed as e:
+            click.echo(f"gate failed: {e}", err=True)
+            ctx.exit(e.exit_code)
         except MagpruneError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
@@ -78,6 +85,77 @@ _report_option = click.option("--report", "report_path", type=click.Path(dir_oka
                               help="Write the JSON report here.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
 _all_option = click.option("--all", "all_skipped", is_flag=True, help="List every skipped constant in the table.")
+_markdown_option = click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False),
+                                help="Write a Markdown report (for a CI job summary).")
+
+
+def _compose(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+_calibration_options = _compose(
+    click.option("--calibration", type=click.Path(), default=None,
+                 help="Calibration data: .npz, a directory of .npy, or ONNX test data. Default: synthetic inputs."),
+    click.option("--labels", type=click.Path(dir_okay=False), default=None,
+                 help="Labels (.npy, or .npz with a 'labels' array) for task accuracy."),
+    click.option("--label-output", default=None, help="The output to score labels against."),
+    click.option("--shape", "shapes", multiple=True, metavar="NAME=D0,D1,...",
+                 help="Shape of a synthetic input with dynamic dimensions (repeatable)."),
+    click.option("--samples", type=click.IntRange(min=1), default=None,
+                 help="Synthetic samples (first axis) [default: 16; bench: the batch size]."),
+    click.option("--int-range", default="0,100", show_default=True, metavar="LO,HI",
+                 help="Half-open range of synthetic integer inputs."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthetic inputs."),
+    click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Use at most N samples."),
+)
+_runtime_options = _compose(
+    click.option("--providers", default="cpu", show_default=True,
+                 help="Execution providers in priority order: cpu, cuda, tensorrt, ... (comma-separated)."),
+    click.option("--allow-fallback", is_flag=True, help="Run without requested providers that are unavailable."),
+    click.option("--trt-sparsity", is_flag=True, help="TensorRT: enable sparse (2:4) kernels."),
+    click.option("--device-id", type=click.IntRange(min=0), default=0, show_default=True, help="GPU index."),
+    click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (fixed)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                 help="Samples per run [default: validate 32, bench 1]."),
+)
+_gate_options = _compose(
+    click.option("--max-rel-l2", type=float, default=None, help="Gate: relative L2 error of every output <= X."),
+    click.option("--min-cosine", type=float, default=None, help="Gate: cosine similarity of every output >= X."),
+    click.option("--min-top1", type=float, default=None, help="Gate: top-1 agreement of class outputs >= X."),
+    click.option("--max-accuracy-drop", type=float, default=None, help="Gate: accuracy drop on labels <= X."),
+)
+
+
+def _gates(kw) -> Gates:
+    return Gates(max_rel_l2=kw["max_rel_l2"], min_cosine=kw["min_cosine"], min_top1=kw["min_top1"],
+                 max_accuracy_drop=kw["max_accuracy_drop"])
+
+
+def _runtime(kw, default_batch: int = 32) -> RuntimeOptions:
+    return RuntimeOptions(providers=kw["providers"], allow_fallback=kw["allow_fallback"],
+                          trt_sparsity=kw["trt_sparsity"], device_id=kw["device_id"], threads=kw["threads"],
+                          batch_size=kw["batch_size"] or default_batch)
+
+
+def _synthetic(kw, default_samples: int = 16) -> SyntheticSpec:
+    try:
+        lo, hi = (int(x) for x in kw["int_range"].split(","))
+    except ValueError:
+        raise click.BadParameter("must look like LO,HI (integers)", param_hint="--int-range") from None
+    if lo >= hi:
+        raise click.BadParameter("LO must be below HI", param_hint="--int-range")
+    shapes = dict(parse_shape(s) for s in kw["shapes"])
+    return SyntheticSpec(samples=kw["samples"] or default_samples, int_range=(lo, hi), seed=kw["seed"],
+                         shapes=shapes)
+
+
+def _write_markdown(path: str | None, report) -> None:
+    if path and report is not None:
+        write_text_atomic(path, report.to_markdown())
 
 
 @main.command()
@@ -114,13 +192,91 @@ def inspect(model, config_path, exclude, min_numel, include_overridable, report_
 @_report_option
 @_json_option
 @_all_option
+@_calibration_options
+@_runtime_options
+@_gate_options
+@_markdown_option
+@click.option("--validate", "force_validate", is_flag=True,
+              help="Validate against the input even without --calibration (synthetic inputs).")
 def prune(model, output, sparsity, scope, nonfinite, overwrite, quiet, config_path, exclude, min_numel,
-          include_overridable, report_path, as_json, all_skipped):
-    """Zero the smallest-magnitude weights of MODEL and write OUTPUT."""
-    report = prune_file(model, output, sparsity, scope, config=_base_config(config_path), exclude=exclude,
-                        min_numel=min_numel, nonfinite=nonfinite, include_overridable=include_overridable,
-                        overwrite=overwrite)
+          include_overridable, report_path, as_json, all_skipped, markdown_path, force_validate, **kw):
+    """Zero the smallest-magnitude weights of MODEL and write OUTPUT.
+
+    With --calibration (or --validate) the pruned model is validated against
+    MODEL before it is written; if a gate fails, nothing is written (exit 1)."""
+    gates = _gates(kw)
+    validation = None
+    if kw["calibration"] is not None or gates.any or force_validate:
+        validation = ValidationRequest(calibration=kw["calibration"], labels=kw["labels"], gates=gates,
+                                       runtime=_runtime(kw), synthetic=_synthetic(kw), max_samples=kw["max_samples"],
+                                       label_output=kw["label_output"], quiet=quiet)
+    try:
+        report = prune_file(model, output, sparsity, scope, config=_base_config(config_path), exclude=exclude,
+                            min_numel=min_numel, nonfinite=nonfinite, include_overridable=include_overridable,
+                            overwrite=overwrite, validation=validation)
+    except GateFailed as e:
+        if e.report is not None:
+            _emit(e.report, report_path, as_json, quiet, all_skipped)
+            _write_markdown(markdown_path, e.report.validation)
+        raise
     _emit(report, report_path, as_json, quiet, all_skipped)
+    _write_markdown(markdown_path, report.validation)
+
+
+@main.command()
+@click.argument("dense", type=click.Path(dir_okay=False))
+@click.argument("pruned", type=click.Path(dir_okay=False))
+@_calibration_options
+@_runtime_options
+@_gate_options
+@_report_option
+@_markdown_option
+@_json_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table.")
+def validate(dense, pruned, report_path, markdown_path, as_json, quiet, **kw):
+    """Compare PRUNED with DENSE on calibration data; exit 1 if a gate fails."""
+    report = validate_models(dense, pruned, kw["calibration"], labels=kw["labels"], gates=_gates(kw),
+                             runtime=_runtime(kw), synthetic=_synthetic(kw), max_samples=kw["max_samples"],
+                             label_output=kw["label_output"], quiet=quiet)
+    if report_path:
+        write_text_atomic(report_path, report.to_json())
+    _write_markdown(markdown_path, report)
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    elif not quiet:
+        click.echo(report.format_table())
+    if not report.passed:
+        failed = [g for g in report.gates if not g.passed]
+        raise GateFailed(f"{len(failed)} quality gate(s) failed ({', '.join(g.gate for g in failed)})")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_calibration_options
+@_runtime_options
+@click.option("--runs", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--no-memory", is_flag=True, help="Skip the per-model peak-memory subprocess.")
+@_report_option
+@_markdown_option
+@_json_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table.")
+def bench(models, runs, warmup, no_memory, report_path, markdown_path, as_json, quiet, **kw):
+    """Latency, start-up, memory and size of MODEL, or of MODEL and MODEL2 compared A/B."""
+    if len(models) > 2:
+        raise click.UsageError("bench takes one or two models")
+    runtime = _runtime(kw, default_batch=1)
+    report = bench_models(list(models), kw["calibration"], runtime=runtime,
+                          options=BenchOptions(runs=runs, warmup=warmup, measure_memory=not no_memory),
+                          synthetic=_synthetic(kw, default_samples=runtime.batch_size), quiet=quiet)
+    if report_path:
+        write_text_atomic(report_path, report.to_json())
+    if markdown_path:
+        write_text_atomic(markdown_path, report.to_markdown())
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    elif not quiet:
+        click.echo(report.format_table())
 
 
 def run() -> None:  # console-script entry point

@@ -35,6 +35,10 @@ class OutputError(MagpruneError):
 
 
 class GateFailed(MagpruneError):
-    """A quality gate failed: the CLI exits 1."""
+    """A quality gate failed: the CLI exits 1.  ``report`` holds the full report."""
 
     exit_code = 1
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

@@ -1,8 +1,9 @@
 """Load a model (keeping external data external) and save it atomically.
 
 Saving writes every file of the result (the model and any external-data files)
-to temporary files in the destination directory and renames them into place
-only when all were written, so a failed run leaves no output file.  External
+into a hidden staging directory beside the destination and renames them into
+place only when all were written (and, for ``prune --calibration``, validated),
+so a failed run leaves no output file.  External
 data keeps its layout: each source data file is copied and only the bytes of
 pruned tensors are overwritten at their offsets.  A data file is renamed only
 where keeping its name would overwrite the input's own data file.
@@ -216,15 +217,45 @@ class _Limited:
         return data
 
 
-def save_model(
+@dataclass
+class StagedModel:
+    """An output written completely into a hidden directory beside its final
+    place: ``path`` can be loaded (e.g. validated) before :meth:`commit`
+    renames every file into place, or :meth:`discard` removes it all."""
+
+    output: Path
+    staging: Path
+    files: list[str]  # relative to the output directory; data files first, the model last
+
+    @property
+    def path(self) -> Path:
+        return self.staging / self.output.name
+
+    def commit(self) -> Path:
+        try:
+            for rel in self.files:
+                final = self.output.parent / rel
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.staging / rel, final)
+        except OSError as e:
+            raise OutputError(f"cannot write '{self.output}': {e.strerror or e}") from e
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return self.output
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def stage_model(
     loaded: LoadedModel,
     output: str | os.PathLike,
     *,
     external_writes: list[tuple[ExternalRef, object]] = (),
     overwrite: bool = False,
-) -> Path:
+) -> StagedModel:
     """Write ``loaded.proto`` (and its external data, with ``external_writes``
-    applied) to ``output`` atomically.  Returns the output path."""
+    applied) into a staging directory next to ``output``."""
     output = Path(output)
     if not output.parent.resolve().is_dir():
         raise OutputError(f"output directory '{output.parent}' does not exist")
@@ -237,40 +268,52 @@ def save_model(
     by_source: dict[Path, list] = {src: [] for src in plan}
     for ref, array in external_writes:
         by_source[ref.path].append((ref, memoryview(array.reshape(-1).view("u1"))))
-
     model = loaded.proto
     if plan:
         model = onnx.ModelProto()
         model.CopyFrom(loaded.proto)
         _relocate(model, loaded.base_dir, plan)
-    temps: list[tuple[Path, Path]] = []
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".staging", dir=output.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write in '{output.parent}': {e.strerror or e}") from e
+    staged = StagedModel(output, staging, [])
     try:
         for src, location in plan.items():
-            final = output.parent / location
-            final.parent.mkdir(parents=True, exist_ok=True)
-            temp = _temp_beside(final)
-            temps.append((temp, final))
-            _write_data_file(src, temp, by_source[src])
+            (staging / location).parent.mkdir(parents=True, exist_ok=True)
+            _write_data_file(src, staging / location, by_source[src])
+            staged.files.append(location)
         payload = model.SerializeToString(deterministic=True)
-        temp = _temp_beside(output)
-        temps.append((temp, output))
-        with open(temp, "wb") as f:
+        with open(staged.path, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        for temp, final in temps:
-            os.replace(temp, final)
+        staged.files.append(output.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        for rel in staged.files:  # mkstemp/mkdtemp permissions are private; outputs are ordinary files
+            os.chmod(staging / rel, 0o666 & ~umask)
     except (OSError, ValueError) as e:
-        for temp, _final in temps:
-            temp.unlink(missing_ok=True)
+        staged.discard()
         if isinstance(e, ValueError) and "2GB" in str(e).upper().replace(" ", ""):
             raise OutputError("the model is over 2 GiB; save it with external data") from e
         raise OutputError(f"cannot write '{output}': {getattr(e, 'strerror', None) or e}") from e
     except BaseException:
-        for temp, _final in temps:
-            temp.unlink(missing_ok=True)
+        staged.discard()
         raise
-    return output
+    return staged
+
+
+def save_model(
+    loaded: LoadedModel,
+    output: str | os.PathLike,
+    *,
+    external_writes: list[tuple[ExternalRef, object]] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write ``loaded.proto`` and its external data to ``output`` atomically:
+    everything is staged first, then renamed into place."""
+    return stage_model(loaded, output, external_writes=external_writes, overwrite=overwrite).commit()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -60,6 +60,7 @@ class PruneReport:
     skipped: list[SkippedReport]
     totals: Totals
     notes: list[str] = field(default_factory=list)
+    validation: Any = None  # a ValidationReport when prune ran with calibration data
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class PruneReport:
             "skipped": [asdict(s) for s in self.skipped],
             "totals": asdict(self.totals),
             "notes": list(self.notes),
+            "validation": self.validation.to_dict() if self.validation is not None else None,
         }
 
     def to_json(self) -> str:
@@ -135,6 +137,8 @@ def _table_lines(report: PruneReport, all_skipped: bool) -> list[str]:
     else:
         lines.append(f"zeros already: {_fmt_int(tot.zeros_before)} ({tot.sparsity:.2%})")
     lines += [f"note: {n}" for n in report.notes]
+    if report.validation is not None:
+        lines += ["", report.validation.format_table()]
     return lines
 
 

@@ -1,0 +1,142 @@
+"""Calibration readers, synthetic inputs, and the messages for data that does not fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_model, vi
+from onnx_magprune.calibration import (
+    CalibrationError,
+    SyntheticSpec,
+    model_inputs,
+    open_calibration,
+    parse_shape,
+)
+
+
+def two_input_model():
+    nodes = [helper.make_node("Cast", ["ids"], ["idsf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["x", "idsf"], ["y"])]
+    return make_model(nodes, [vi("x", ["N", 4]), vi("ids", ["N", 4], TensorProto.INT64)], [vi("y", ["N", 4])])
+
+
+def feeds(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((n, 4)).astype(np.float32), "ids": rng.integers(0, 5, (n, 4))}
+
+
+def collect(calib, bs):
+    batches = list(calib.batches(bs))
+    return batches, sum(b.feeds["x"].shape[0] for b in batches)
+
+
+def test_npz_with_labels_in_batches(tmp_path):
+    f = feeds()
+    np.savez(tmp_path / "c.npz", **f, labels=np.arange(10))
+    calib = open_calibration(tmp_path / "c.npz", two_input_model())
+    assert calib.has_labels and calib.samples == 10 and not calib.synthetic
+    batches, n = collect(calib, 4)
+    assert [b.feeds["x"].shape[0] for b in batches] == [4, 4, 2] and n == 10
+    assert batches[2].labels.tolist() == [8, 9]
+    np.testing.assert_array_equal(np.concatenate([b.feeds["ids"] for b in batches]), f["ids"])
+    assert calib.count_batches(4) == 3
+
+
+def test_npy_directory_and_separate_labels(tmp_path):
+    for k, v in feeds().items():
+        np.save(tmp_path / f"{k}.npy", v)
+    np.save(tmp_path.parent / "lab.npy", np.arange(10))
+    calib = open_calibration(tmp_path, two_input_model(), labels=tmp_path.parent / "lab.npy", max_samples=7)
+    batches, n = collect(calib, 5)
+    assert n == 7 and calib.has_labels and batches[-1].labels.tolist() == [5, 6]
+
+
+def test_onnx_test_data_directories(tmp_path):
+    model = two_input_model()
+    for i in range(3):
+        d = tmp_path / f"test_data_set_{i}"
+        d.mkdir()
+        for j, (k, v) in enumerate(feeds(2, seed=i).items()):
+            (d / f"input_{j}.pb").write_bytes(numpy_helper.from_array(v, k).SerializeToString())
+    calib = open_calibration(tmp_path, model)
+    batches = list(calib.batches(100))
+    assert len(batches) == 3 and calib.fixed_batches and calib.count_batches(100) == 3
+    np.testing.assert_array_equal(batches[1].feeds["x"], feeds(2, seed=1)["x"])
+    flat = tmp_path / "test_data_set_0"
+    assert len(list(open_calibration(flat, model).batches(1))) == 1
+
+
+def test_python_iterables_and_calibration_data_reader():
+    model = two_input_model()
+    items = [feeds(3, s) for s in range(4)]
+    calib = open_calibration(items, model)
+    assert len(list(calib.batches(99))) == 4
+
+    class Reader:  # onnxruntime.quantization.CalibrationDataReader protocol
+        def __init__(self):
+            self.it = iter(items)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    calib = open_calibration(Reader(), model)
+    assert calib.description == "CalibrationDataReader (4 feeds)"
+    assert len(list(calib.batches(1))) == 4 and len(list(calib.batches(1))) == 4  # re-iterable
+
+
+def test_synthetic_is_seeded_and_loud():
+    model = two_input_model()
+    spec = SyntheticSpec(samples=6, int_range=(3, 5), seed=1, shapes={"ids": (6, 4)})
+    a = list(open_calibration(None, model, synthetic_spec=spec).batches(100))[0].feeds
+    b = list(open_calibration(None, model, synthetic_spec=spec).batches(100))[0].feeds
+    np.testing.assert_array_equal(a["x"], b["x"])
+    assert a["x"].shape == (6, 4) and a["ids"].dtype == np.int64
+    assert a["ids"].min() >= 3 and a["ids"].max() < 5
+    calib = open_calibration(None, model)
+    assert calib.synthetic and "SYNTHETIC" in calib.notes[0]
+
+
+def test_static_batch_dimension_is_respected():
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", [1, 4])], [vi("y", [1, 4])])
+    from onnx_magprune.calibration import effective_batch
+
+    assert effective_batch(32, model_inputs(model)) == 1
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda f: f.pop("ids"), "missing ids (the model expects x: float32 [N, 4], ids: int64 [N, 4])"),
+    (lambda f: f.update(extra=np.zeros((10, 1))), "unknown extra"),
+    (lambda f: f.update(x=f["x"].astype(np.float64)), "input 'x' is float64, the model expects float32"),
+    (lambda f: f.update(x=f["x"].reshape(10, 2, 2)), "input 'x' has shape [10, 2, 2], the model expects rank 2"),
+    (lambda f: f.update(x=np.zeros((10, 5), np.float32)), "(axis 1 must be 4)"),
+    (lambda f: f.update(x=f["x"][:9]), "inputs disagree on the number of samples (x: 9, ids: 10)"),
+    (lambda f: f.update(labels=np.arange(3)), "3 labels for 10 samples"),
+])
+def test_mismatches_name_what_the_model_expects(tmp_path, mutate, message):
+    f = feeds()
+    mutate(f)
+    np.savez(tmp_path / "c.npz", **f)
+    with pytest.raises(CalibrationError) as info:
+        open_calibration(tmp_path / "c.npz", two_input_model())
+    assert message in str(info.value)
+
+
+def test_other_bad_sources(tmp_path):
+    model = two_input_model()
+    with pytest.raises(CalibrationError, match="does not exist"):
+        open_calibration(tmp_path / "nope.npz", model)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(CalibrationError, match="cannot read calibration file"):
+        open_calibration(tmp_path / "bad.npz", model)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(CalibrationError, match="holds no .npy files and no ONNX test data"):
+        open_calibration(tmp_path / "d", model)
+    with pytest.raises(CalibrationError, match="--shape names unknown input"):
+        open_calibration(None, model, synthetic_spec=SyntheticSpec(shapes={"z": (1,)}))
+    with pytest.raises(CalibrationError, match="item 0 is int"):
+        open_calibration([1, 2], model)
+    with pytest.raises(CalibrationError, match="must look like NAME=1,128"):
+        parse_shape("x=1,a")
+    assert parse_shape("input_ids=1,128") == ("input_ids", (1, 128))

@@ -1,0 +1,124 @@
+"""validate, bench and prune --calibration: gates, exit codes, reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import onnx_magprune as mp
+from conftest import MODELS
+from onnx_magprune.cli import main
+from onnx_magprune.validate import RuntimeOptions, ValidationRequest, validate_models
+from onnx_magprune.validation_report import Gates
+
+CNN, CNN_DATA = MODELS / "digits_cnn.onnx", MODELS / "digits_cnn_calib.npz"
+
+
+@pytest.fixture(scope="module")
+def pruned_cnn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("p") / "cnn70.onnx"
+    mp.prune_file(CNN, out, sparsity=0.7)
+    return out
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_validate_end_to_end_with_labels(pruned_cnn):
+    r = validate_models(CNN, pruned_cnn, CNN_DATA, gates=Gates(max_accuracy_drop=0.02, min_top1=0.95))
+    assert r.calibration["samples"] == 450 and r.calibration["labels"] and not r.calibration["synthetic"]
+    assert r.accuracy["output"] == "logits" and r.accuracy["dense"] == pytest.approx(0.98667, abs=1e-4)
+    assert r.accuracy["drop"] < 0.02 and r.passed
+    assert r.providers_used["pruned"] == ["CPUExecutionProvider"]
+    out = r.outputs[0]
+    assert out["name"] == "logits" and 0.95 < out["cosine"] < 1.0 and out["top1_agreement"] > 0.95
+
+
+def test_identical_models_have_zero_drift():
+    r = validate_models(CNN, CNN, CNN_DATA, runtime=RuntimeOptions(batch_size=100))
+    o = r.outputs[0]
+    assert o["max_abs_error"] == 0 and o["rel_l2"] == 0 and o["top1_agreement"] == 1.0
+    assert r.accuracy["drop"] == 0 and r.batch_size == 100
+
+
+def test_validate_gate_exit_codes_and_reports(pruned_cnn, tmp_path):
+    rep, md = tmp_path / "v.json", tmp_path / "v.md"
+    ok = invoke("validate", CNN, pruned_cnn, "--calibration", CNN_DATA, "--max-accuracy-drop", "0.05",
+                "--report", rep, "--markdown", md)
+    assert ok.exit_code == 0, ok.output
+    data = json.loads(rep.read_text())
+    assert data["schema_version"] == 1 and data["passed"] is True and data["gates"][0]["gate"] == "max_accuracy_drop"
+    assert md.read_text().startswith("## onnx-magprune validation: PASSED")
+    bad = invoke("validate", CNN, pruned_cnn, "--calibration", CNN_DATA, "--min-cosine", "0.9999")
+    assert bad.exit_code == 1 and "gate failed: 1 quality gate(s) failed (min_cosine)" in bad.output
+    wrong = invoke("validate", CNN, pruned_cnn, "--calibration", MODELS / "digits_mlp_calib.npz")
+    assert wrong.exit_code == 2 and "the model expects input: float32 [batch, 1, 8, 8]" in wrong.output
+    nolabels = invoke("validate", CNN, pruned_cnn, "--max-accuracy-drop", "0.1")
+    assert nolabels.exit_code == 2 and "--max-accuracy-drop needs labels" in nolabels.output
+    gpu = invoke("validate", CNN, pruned_cnn, "--providers", "cuda")
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        assert gpu.exit_code == 2 and "not available" in gpu.output
+        fb = invoke("validate", CNN, pruned_cnn, "--providers", "cuda,cpu", "--allow-fallback", "--json")
+        assert fb.exit_code == 0 and json.loads(fb.output)["providers"]["used"]["pruned"] == ["CPUExecutionProvider"]
+
+
+def test_synthetic_validation_says_so():
+    r = invoke("validate", CNN, CNN, "--samples", "4", "--json")
+    data = json.loads(r.output)
+    assert data["calibration"]["synthetic"] and "SYNTHETIC" in data["calibration"]["notes"][0]
+    assert data["calibration"]["samples"] == 4
+
+
+def test_prune_with_failing_gate_writes_no_model_but_the_report(tmp_path):
+    out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
+    r = invoke("prune", CNN, "-o", out, "--sparsity", "0.9", "--calibration", CNN_DATA,
+               "--max-accuracy-drop", "0.01", "--report", rep, "-q")
+    assert r.exit_code == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    data = json.loads(rep.read_text())
+    assert data["validation"]["passed"] is False and data["totals"]["zeros_after"] == 64411
+    ok = invoke("prune", CNN, "-o", out, "--sparsity", "0.5", "--calibration", CNN_DATA,
+                "--max-accuracy-drop", "0.01", "-q")
+    assert ok.exit_code == 0 and out.exists()
+
+
+def test_prune_file_api_raises_gate_failed(tmp_path):
+    req = ValidationRequest(calibration=CNN_DATA, gates=Gates(min_cosine=0.999), quiet=True)
+    with pytest.raises(mp.GateFailed) as info:
+        mp.prune_file(CNN, tmp_path / "p.onnx", sparsity=0.9, validation=req)
+    assert info.value.report.validation.passed is False
+    assert not (tmp_path / "p.onnx").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bench_compares_two_models(pruned_cnn, tmp_path):
+    rep = tmp_path / "b.json"
+    r = invoke("bench", CNN, pruned_cnn, "--runs", "5", "--warmup", "1", "--threads", "1", "--no-memory",
+               "--report", rep)
+    assert r.exit_code == 0, r.output
+    data = json.loads(rep.read_text())
+    assert data["threads"] == 1 and data["batch_size"] == 1 and len(data["models"]) == 2
+    m0, m1 = data["models"]
+    assert m0["params"]["float_nonzero"] == 71818 and m1["params"]["float_nonzero"] < 71818 * 0.35
+    assert m0["latency_seconds"]["n"] == 5 and data["comparison"]["latency_ratio"]["n"] == 5
+    assert m0["file_bytes"] == CNN.stat().st_size
+    assert any("cannot change latency" in n for n in data["notes"])
+    assert invoke("bench", CNN, CNN, CNN).exit_code == 2
+
+
+def test_bench_memory_child_and_markdown(tmp_path):
+    r = invoke("bench", CNN, "--runs", "3", "--markdown", tmp_path / "b.md", "--json")
+    data = json.loads(r.output)
+    rss = data["models"][0]["session_peak_rss"]
+    assert rss is None or rss["peak"] >= rss["before"] > 0
+    assert (tmp_path / "b.md").read_text().startswith("## onnx-magprune bench")
+
+
+def test_iterable_feeds_from_python():
+    data = np.load(CNN_DATA)
+    feeds = [{"input": data["input"][i:i + 10], "labels": data["labels"][i:i + 10]} for i in range(0, 50, 10)]
+    r = validate_models(CNN, CNN, feeds)
+    assert r.calibration["samples"] == 50 and r.accuracy["samples"] == 50
