@@ -3,6 +3,8 @@
 __version__ = "0.1.0"
 
 from .api import PruneResult, inspect_model, prune_file, prune_model  # noqa: E402
+from .bench import BenchOptions, bench_models  # noqa: E402
+from .calibration import CalibrationError, SyntheticSpec  # noqa: E402
 from .config import NonFinite, PruneConfig, Rule, Scope, load_config  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigError,
@@ -14,7 +16,10 @@ from .errors import (  # noqa: E402
     OutputError,
 )
 from .report import SCHEMA_VERSION, PruneReport  # noqa: E402
+from .runtime import RuntimeFailure  # noqa: E402
 from .selection import SelectionParams  # noqa: E402
+from .validate import RuntimeOptions, ValidationRequest, validate_models  # noqa: E402
+from .validation_report import Gates, ValidationReport  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -37,4 +42,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "PruneReport",
     "SelectionParams",
+    "BenchOptions",
+    "bench_models",
+    "CalibrationError",
+    "SyntheticSpec",
+    "RuntimeFailure",
+    "RuntimeOptions",
+    "ValidationRequest",
+    "validate_models",
+    "Gates",
+    "ValidationReport",
 ]

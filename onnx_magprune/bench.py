@@ -10,7 +10,6 @@ model.  On a GPU provider inputs and outputs stay on the device (I/O binding).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -285,7 +284,3 @@ def _on_disk(model: ModelRef, tmp: Path) -> str:
         path.write_bytes(model)
         return str(path)
     return str(model)
-
-
-def _finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)
