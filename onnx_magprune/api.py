@@ -19,7 +19,7 @@ from .discovery import find_weights
 from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
 from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, stage_model
-from .planning import apply_rules, plan_targets
+from .planning import apply_rules, load_values, plan_targets, store_values
 from .report import PruneReport, SkippedReport, TensorReport, Totals
 from .selection import DEFAULT_PARAMS, SelectionParams, apply_plan
 from .tensor_data import TensorStore, dtype_name, numel
@@ -52,17 +52,18 @@ def _run(loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: Sele
     needs_sparsity = any(t.selection != "fixed" for t in targets)
     if prune and needs_sparsity and cfg.sparsity is None:
         raise ConfigError("no sparsity given: pass --sparsity (or sparsity= in Python, or in the config file)")
-    arrays = [store.read(t.weight.tensor, writable=prune) for t in targets]
+    targets, target_values, unfit = load_values(targets, store, writable=prune)
+    skipped += unfit
     rows: list[TensorReport] = []
     target_zeros = None
     if prune:
-        plans = plan_targets(targets, arrays, cfg, params)
+        plans = plan_targets(targets, [tv.values for tv in target_values], cfg, params)
         target_zeros = sum(p.pruned for p in plans)
-    for i, (t, arr) in enumerate(zip(targets, arrays)):
-        tensor = t.weight.tensor
+    for i, (t, tv) in enumerate(zip(targets, target_values)):
+        tensor, arr = t.weight.tensor, tv.values
         if prune:
             stats = apply_plan(arr, plans[i], params=params)
-            store.write(tensor, arr)
+            store_values(t, tv, store)
             zeros_before, zeros_after, threshold = stats.zeros_before, stats.zeros_after, plans[i].threshold
         else:
             zeros_before = zeros_after = int(arr.size - np.count_nonzero(arr.astype(np.float32) if
@@ -77,6 +78,7 @@ def _run(loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: Sele
             selection=t.selection if prune else "none",
             target_sparsity=t.sparsity if prune else None,
             bounds=list(t.bounds) if prune and t.bounds != (0.0, 1.0) else None,
+            quantization=tv.quant.describe() if tv.quant is not None else None,
         ))
     prunable = sum(r.numel for r in rows)
     zb, za = sum(r.zeros_before for r in rows), sum(r.zeros_after for r in rows)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from onnx import TensorProto
 
 from .graph_index import GraphIndex, Use, Value
-from .tensor_data import FLOAT_TYPES, dtype_name, numel
+from .tensor_data import FLOAT_TYPES, QUANT_TYPES, dtype_name, numel
 
 #: (domain, op_type) -> input slots that hold a weight when constant.
 WEIGHT_SLOTS: dict[tuple[str, str], frozenset[int] | None] = {
@@ -53,12 +53,24 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _CONSTANT_KINDS = ("initializer", "constant", "constant_attr")
 
 
+@dataclass(frozen=True)
+class QuantRef:
+    """How a quantized weight is dequantized: its scale and zero-point values."""
+
+    scale: Value
+    zero_point: Value | None
+    axis: int
+    block_size: int
+    via: str
+
+
 @dataclass(eq=False)
 class Weight:
-    """A prunable tensor and the weight slots it reaches."""
+    """A prunable tensor and the weight slots it reaches (``quant`` for quantized weights)."""
 
     value: Value
     uses: list[Use]
+    quant: QuantRef | None = None
 
     @property
     def name(self) -> str:
@@ -155,7 +167,10 @@ def find_weights(index: GraphIndex, *, min_numel: int, include_overridable: bool
         dtype = dtype_name(tensor.data_type) if tensor is not None else "sparse"
         reason = _static_reason(value, min_numel, include_overridable)
         uses: list[Use] = []
-        if reason is None:
+        quant: QuantRef | None = None
+        if reason == _QUANT_CANDIDATE:
+            uses, quant, reason = _trace_quantized(value, index)
+        elif reason is None:
             uses, other = _trace(value, index)
             if other:
                 why, use = other[0]
@@ -163,7 +178,7 @@ def find_weights(index: GraphIndex, *, min_numel: int, include_overridable: bool
             elif not uses:
                 reason = "unused (reaches no weight input)"
         if reason is None:
-            weights.append(Weight(value, uses))
+            weights.append(Weight(value, uses, quant))
         else:
             skipped.append(Skipped(value.name, value.where(), reason, dtype, shape))
     return Discovery(weights, skipped)
@@ -179,12 +194,14 @@ def _static_reason(value: Value, min_numel: int, include_overridable: bool) -> s
     if value.duplicate:
         return "its name is bound more than once in its graph"
     tensor = value.tensor
+    n = numel(tensor)
     if tensor.data_type not in FLOAT_TYPES:
         kind = dtype_name(tensor.data_type)
-        if tensor.data_type in _INTEGER_TYPES and len(tensor.dims) >= 2:
-            return f"integer tensor ({kind}): quantized weights are not pruned yet"
+        if tensor.data_type in QUANT_TYPES and len(tensor.dims) >= 2 and n >= min_numel:
+            return _QUANT_CANDIDATE
+        if tensor.data_type in _INTEGER_TYPES and len(tensor.dims) >= 2 and n >= min_numel:
+            return f"integer tensor ({kind}) is not a quantization type this tool prunes"
         return f"{kind} tensor, not floating point"
-    n = numel(tensor)
     if len(tensor.dims) <= 1:
         return "scalar" if not tensor.dims else "1-D tensor (bias, scale or norm parameter)"
     if n == 0:
@@ -192,6 +209,83 @@ def _static_reason(value: Value, min_numel: int, include_overridable: bool) -> s
     if n < min_numel:
         return f"too small: {n} elements, below min_numel {min_numel}"
     return None
+
+
+_QUANT_CANDIDATE = "<quantized candidate>"
+
+#: (domain, op) -> (weight slot, scale slot, zero-point slot, default axis) for quantized operators
+_QLINEAR = {
+    ("", "QLinearConv"): (3, 4, 5, 0),
+    ("", "QLinearMatMul"): (3, 4, 5, -1),
+    ("com.microsoft", "QGemm"): (3, 4, 5, None),  # axis: the output-channel axis of B (transB decides)
+}
+_UNSCALED = {("", "MatMulInteger"), ("", "ConvInteger")}
+
+
+def _attr(node, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _quant_ref(node, index: GraphIndex, scale_slot: int, zp_slot: int, axis: int, block: int,
+               via: str) -> QuantRef | str:
+    scale = index.input_value(node, scale_slot) if len(node.input) > scale_slot else None
+    if scale is None or scale.kind not in ("initializer", "constant") or scale.overridable:
+        return f"its {via} scale is not a constant"
+    if scale.tensor.data_type not in FLOAT_TYPES:
+        return f"its {via} scale is not floating point"
+    zp = None
+    if len(node.input) > zp_slot and node.input[zp_slot]:
+        zp = index.input_value(node, zp_slot)
+        if zp is None or zp.kind not in ("initializer", "constant") or zp.overridable:
+            return f"its {via} zero point is not a constant"
+    return QuantRef(scale, zp, axis, block, via)
+
+
+def _trace_quantized(value: Value, index: GraphIndex) -> tuple[list[Use], QuantRef | None, str | None]:
+    """Weight uses and the dequantization of an integer constant, or why it is not a quantized weight."""
+    weight_uses: list[Use] = []
+    refs: list[QuantRef] = []
+    kind = dtype_name(value.tensor.data_type)
+    for use in value.uses:
+        node = use.node
+        if node is None:
+            return [], None, f"is a graph output: {use.describe()}"
+        if use.op == ("", "DequantizeLinear") and use.slot == 0:
+            ref = _quant_ref(node, index, 1, 2, _attr(node, "axis", 1), _attr(node, "block_size", 0),
+                             "DequantizeLinear")
+            if isinstance(ref, str):
+                return [], None, ref
+            out = index.outputs_of(node)[0]
+            uses, other = _trace(out, index) if out is not None else ([], [])
+            if other:
+                why, bad = other[0]
+                return [], None, f"its dequantized value {why}: {bad.describe()}"
+            if not uses:
+                return [], None, "its dequantized value reaches no weight input"
+            weight_uses += uses
+        elif use.op in _QLINEAR and use.slot == _QLINEAR[use.op][0]:
+            _w, s_slot, z_slot, axis = _QLINEAR[use.op]
+            if axis is None:
+                axis = 0 if _attr(node, "transB", 0) else 1
+            ref = _quant_ref(node, index, s_slot, z_slot, axis, 0, use.op[1])
+            if isinstance(ref, str):
+                return [], None, ref
+            weight_uses.append(use)
+        elif use.op in _UNSCALED:
+            return [], None, (f"{kind} weight of {use.op[1]}: without a scale its magnitude is not comparable "
+                              "with other weights, so it is not pruned")
+        elif use.op == ("com.microsoft", "MatMulNBits"):
+            return [], None, "MatMulNBits packed low-bit blocks are not pruned"
+        else:
+            return [], None, f"{kind} tensor that is not a quantized weight: {use.describe()}"
+        refs.append(ref)
+    if not refs:
+        return [], None, "unused (reaches no weight input)"
+    first = refs[0]
+    if any((r.scale is not first.scale or r.zero_point is not first.zero_point or r.axis != first.axis
+            or r.block_size != first.block_size) for r in refs[1:]):
+        return [], None, "dequantized by several nodes with different scales or zero points"
+    return weight_uses, first, None
 
 
 _INTEGER_TYPES = {

@@ -3,8 +3,9 @@
 Config rules turn the discovered weights into targets: excluded (a skip
 reason), a fixed sparsity, or a member of the global pool (or, in local scope,
 its own pool) with optional bounds.  Selection itself is the pure-numpy
-:mod:`onnx_magprune.selection`; this module only maps its errors back to the
-tensors' names.
+:mod:`onnx_magprune.selection`; this module reads each target's values (the
+dequantized values for quantized weights), maps selection errors back to the
+tensors' names, and writes pruned values back.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import NonFinite, PruneConfig, Rule
-from .discovery import Discovery, Skipped, Weight
+from .discovery import Discovery, QuantRef, Skipped, Weight
 from .errors import ConfigError, NonFiniteWeightError
+from .quantized import QuantInfo, QuantShapeError, dequantize, prune_to_zero_point
 from .selection import ArrayPlan, NonFiniteValues, SelectionParams, plan_global, plan_local
-from .tensor_data import dtype_name
+from .tensor_data import TensorStore, dtype_name
 
 
 @dataclass
@@ -78,3 +80,52 @@ def plan_targets(targets: list[Target], arrays: list[np.ndarray], cfg: PruneConf
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return plans  # type: ignore[return-value]
+
+
+@dataclass
+class TargetValues:
+    """One target's values: ``raw`` as stored; ``values`` what selection ranks
+    and zeroes (``raw`` itself for float weights, the dequantized float64 copy
+    for quantized ones)."""
+
+    raw: np.ndarray
+    values: np.ndarray
+    quant: QuantInfo | None = None
+
+
+def _quant_info(ref: QuantRef, store: TensorStore) -> QuantInfo:
+    scale = store.read(ref.scale.tensor)
+    zp = store.read(ref.zero_point.tensor) if ref.zero_point is not None else None
+    return QuantInfo(scale=scale, zero_point=zp, axis=ref.axis, block_size=ref.block_size, via=ref.via)
+
+
+def load_values(targets: list[Target], store: TensorStore, *, writable: bool
+                ) -> tuple[list[Target], list[TargetValues], list[Skipped]]:
+    """Read every target; quantized weights whose scale does not fit are skipped with the reason."""
+    kept, values, skipped = [], [], []
+    for t in targets:
+        raw = store.read(t.weight.tensor, writable=writable)
+        if t.weight.quant is None:
+            kept.append(t)
+            values.append(TargetValues(raw, raw))
+            continue
+        try:
+            info = _quant_info(t.weight.quant, store)
+            deq = dequantize(raw, info)
+        except QuantShapeError as e:
+            tensor = t.weight.tensor
+            skipped.append(Skipped(t.weight.name, t.weight.value.where(), f"its {t.weight.quant.via} {e}",
+                                   dtype_name(tensor.data_type), tuple(tensor.dims)))
+            continue
+        kept.append(t)
+        values.append(TargetValues(raw, deq, info))
+    return kept, values, skipped
+
+
+def store_values(target: Target, tv: TargetValues, store: TensorStore) -> None:
+    """Write a pruned target back: float weights as they are, quantized ones
+    with every pruned entry at its zero point."""
+    if tv.quant is None:
+        store.write(target.weight.tensor, tv.values)
+    else:
+        store.write(target.weight.tensor, prune_to_zero_point(tv.raw, tv.values == 0, tv.quant))

@@ -28,6 +28,7 @@ class TensorReport:
     selection: str  # "global", "local", "fixed" or "none" (inspect)
     target_sparsity: float | None
     bounds: list[float] | None = None
+    quantization: str | None = None  # e.g. "per-axis (axis 1) via DequantizeLinear"; None for float weights
 
 
 @dataclass(frozen=True)

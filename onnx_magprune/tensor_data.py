@@ -15,12 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from .errors import ModelLoadError
 from .external_data import ExternalRef, parse_external_ref, uses_external_data
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+#: integer types quantized weights use; 4-bit ones are packed two per byte on disk
+QUANT_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16}
+for _name in ("INT4", "UINT4"):
+    if hasattr(TensorProto, _name):
+        QUANT_TYPES.add(getattr(TensorProto, _name))
+_PACKED_4BIT = {getattr(TensorProto, n) for n in ("INT4", "UINT4") if hasattr(TensorProto, n)}
 
 
 def dtype_name(data_type: int) -> str:
@@ -63,6 +69,8 @@ class TensorStore:
     def read(self, tensor: TensorProto, *, writable: bool = True) -> np.ndarray:
         """The tensor's values.  ``writable=False`` may return a read-only
         memory map of external data instead of reading it into memory."""
+        if tensor.data_type in QUANT_TYPES:
+            return self._read_integer(tensor)
         if tensor.data_type not in FLOAT_TYPES:
             raise ModelLoadError(f"tensor '{tensor.name}' is {dtype_name(tensor.data_type)}, not floating point")
         dtype = np_dtype(tensor.data_type)
@@ -85,6 +93,26 @@ class TensorStore:
         if tensor.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
             return np.asarray(field, dtype=np.int64).astype(np.uint16).view(dtype).reshape(shape)
         return np.asarray(field, dtype=dtype).reshape(shape)
+
+    def _read_integer(self, tensor: TensorProto) -> np.ndarray:
+        """Quantized weights: decoded with onnx's own rules (4-bit unpacked to one value per byte)."""
+        proxy = tensor
+        if uses_external_data(tensor):
+            if self.base_dir is None:
+                raise ModelLoadError(
+                    f"tensor '{tensor.name}' uses external data but the model was given without its file path")
+            ref = parse_external_ref(tensor, self.base_dir, _packed_nbytes(tensor))
+            self._refs[id(tensor)] = ref
+            with open(ref.path, "rb") as f:
+                f.seek(ref.offset)
+                proxy = TensorProto(dims=tensor.dims, data_type=tensor.data_type, raw_data=f.read(ref.length))
+        elif tensor.raw_data and len(tensor.raw_data) != _packed_nbytes(tensor):
+            raise ModelLoadError(f"tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes but its shape "
+                                 f"{list(tensor.dims)} needs {_packed_nbytes(tensor)}")
+        try:
+            return np.array(numpy_helper.to_array(proxy))
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"tensor '{tensor.name}' cannot be decoded: {e}") from e
 
     def _read_external(self, tensor: TensorProto, dtype: np.dtype, shape, n: int, writable: bool) -> np.ndarray:
         if self.base_dir is None:
@@ -109,6 +137,9 @@ class TensorStore:
 
     def write(self, tensor: TensorProto, array: np.ndarray) -> None:
         """Store ``array`` (same shape and dtype as read) as ``tensor``'s values."""
+        if tensor.data_type in QUANT_TYPES:
+            self._write_integer(tensor, array)
+            return
         if uses_external_data(tensor):
             self.external_writes.append((self._refs[id(tensor)], array))
             return
@@ -122,3 +153,23 @@ class TensorStore:
             field.extend(array.reshape(-1).view(np.uint16).astype(np.int32).tolist())
         else:
             field.extend(array.reshape(-1).tolist())
+
+    def _write_integer(self, tensor: TensorProto, array: np.ndarray) -> None:
+        packed = numpy_helper.from_array(np.ascontiguousarray(array)).raw_data  # onnx packs 4-bit types
+        if uses_external_data(tensor):
+            self.external_writes.append((self._refs[id(tensor)], np.frombuffer(packed, np.uint8)))
+        elif tensor.raw_data or numel(tensor) == 0:
+            tensor.raw_data = packed
+        else:  # typed storage: int32_data holds the packed bytes of 4-bit types, else one value each
+            del tensor.int32_data[:]
+            if tensor.data_type in _PACKED_4BIT:
+                tensor.int32_data.extend(np.frombuffer(packed, np.uint8).astype(np.int32).tolist())
+            else:
+                tensor.int32_data.extend(array.reshape(-1).astype(np.int32).tolist())
+
+
+def _packed_nbytes(tensor: TensorProto) -> int:
+    n = numel(tensor)
+    if tensor.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize

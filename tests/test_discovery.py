@@ -164,7 +164,7 @@ def test_every_skip_reason():
         "Tiny": "too small: 8 elements, below min_numel 16",
         "Bias": "1-D tensor (bias, scale or norm parameter)",
         "big_scale": "quantization scale or zero point: DequantizeLinear input 1",
-        "Wq": "integer tensor (int8): quantized weights are not pruned yet",
+        "Wq": "its dequantized value is a graph output: output 1 of graph main",
         "Out": "is a graph output: output 2 of graph main",
         "Sp": "stored as a sparse tensor (already encoded; decode it first)",
     }

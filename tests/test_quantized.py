@@ -1,0 +1,166 @@
+"""Quantized weights: ranked by dequantized magnitude, pruned to the zero point; scales never pruned."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_magprune as mp
+from conftest import MODELS, vi
+from onnx_magprune.quantized import QuantInfo, QuantShapeError, dequantize, prune_to_zero_point
+from onnx_magprune.selection import target_count
+
+
+def qdq_model(q, scale, zp=None, axis=1, block_size=0, opset=21):
+    attrs = {"axis": axis}
+    if block_size:
+        attrs["block_size"] = block_size
+    inputs = ["Wq", "Ws"] + (["Wz"] if zp is not None else [])
+    nodes = [helper.make_node("DequantizeLinear", inputs, ["W"], **attrs),
+             helper.make_node("MatMul", ["x", "W"], ["y"])]
+    inits = [numpy_helper.from_array(q, "Wq"), numpy_helper.from_array(scale, "Ws")]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, "Wz"))
+    g = helper.make_graph(nodes, "g", [vi("x", [1, q.shape[0]])], [vi("y", [1, q.shape[1]])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10
+    return m
+
+
+def init_of(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def dequantized_by_ort(model, x):
+    """The DequantizeLinear output as ONNX Runtime computes it (exposed as an extra graph output)."""
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    m.graph.output.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(["W"], {"x": x})[0]
+
+
+def test_per_channel_int8_with_zero_points():
+    rng = np.random.default_rng(0)
+    q = rng.integers(-128, 128, (64, 32)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, 32).astype(np.float32)
+    zp = rng.integers(-5, 6, 32).astype(np.int8)
+    model = qdq_model(q, scale, zp)
+    pruned, report = mp.prune_model(model, sparsity=0.6)
+    info = QuantInfo(scale, zp, axis=1)
+    deq_before, q_after = dequantize(q, info), init_of(pruned, "Wq")
+    deq_after = dequantize(q_after, info)
+    n = q.size
+    assert int(np.count_nonzero(deq_after == 0)) == target_count(0.6, n) == report.totals.zeros_after
+    zeroed = (deq_after == 0) & (deq_before != 0)
+    assert np.all(q_after[zeroed] == np.broadcast_to(zp, q.shape)[zeroed])  # set to the zero point
+    kept = deq_after != 0
+    assert np.array_equal(q_after[kept], q[kept])
+    assert np.abs(deq_before[kept]).min() >= np.abs(deq_before[zeroed]).max()  # by dequantized magnitude
+    np.testing.assert_array_equal(init_of(pruned, "Ws"), scale)  # scale and zero point untouched
+    np.testing.assert_array_equal(init_of(pruned, "Wz"), zp)
+    t = report.tensors[0]
+    assert t.dtype == "int8" and t.quantization == "per-axis (axis 1) via DequantizeLinear"
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    np.testing.assert_allclose(dequantized_by_ort(pruned, x), deq_after, rtol=1e-6, atol=0)
+    assert np.count_nonzero(dequantized_by_ort(pruned, x) == 0) == report.totals.zeros_after
+
+
+def test_uint8_per_tensor_and_int4_blocked():
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 256, (32, 16)).astype(np.uint8)
+    pruned, report = mp.prune_model(qdq_model(q, np.array(0.02, np.float32), np.array(128, np.uint8), opset=17),
+                                    sparsity=0.5)
+    assert np.count_nonzero(init_of(pruned, "Wq") == 128) >= target_count(0.5, q.size)
+    assert report.totals.zeros_after == target_count(0.5, q.size)
+    # int4, blocks of 8 along axis 0: the scale is a [4, 16] float tensor shaped like a weight
+    q4 = rng.integers(-8, 8, (32, 16)).astype(np.int8)
+    q4t = helper.make_tensor("Wq", TensorProto.INT4, [32, 16], q4.ravel().tolist())
+    scale = rng.uniform(0.01, 0.1, (4, 16)).astype(np.float32)
+    model = qdq_model(q4, scale, axis=0, block_size=8)
+    model.graph.initializer[0].CopyFrom(q4t)
+    pruned, report = mp.prune_model(model, sparsity=0.5, min_numel=16)
+    assert [t.name for t in report.tensors] == ["Wq"]
+    assert any(s.name == "Ws" and s.reason.startswith("quantization scale or zero point") for s in report.skipped)
+    q_after = numpy_helper.to_array(pruned.graph.initializer[0]).astype(np.int8)
+    deq = dequantize(q_after, QuantInfo(scale, None, axis=0, block_size=8))
+    assert np.count_nonzero(deq == 0) == target_count(0.5, q4.size)
+    assert pruned.graph.initializer[0].data_type == TensorProto.INT4
+    onnx.checker.check_model(pruned, full_check=True)
+    x = rng.standard_normal((1, 32)).astype(np.float32)
+    np.testing.assert_allclose(dequantized_by_ort(pruned, x), deq, rtol=1e-6, atol=0)
+
+
+def test_weight_shaped_float_scales_beside_integer_weights_are_never_pruned():
+    # exporters keep [vocab, 1] / [1, hidden] float scales next to int8 weights (e.g. blocked or
+    # dynamic quantization): big enough and 2-D, but they feed scale slots and Muls, never weights
+    rng = np.random.default_rng(2)
+    q = rng.integers(-127, 128, (512, 64)).astype(np.int8)
+    row_scale = rng.uniform(0.01, 0.1, (512, 1)).astype(np.float32)
+    col_scale = rng.uniform(0.5, 1.5, (1, 64)).astype(np.float32)
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "S"], ["W"], axis=1, block_size=64),
+             helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Mul", ["h", "C"], ["y"])]
+    g = helper.make_graph(nodes, "g", [vi("x", [1, 512])], [vi("y", [1, 64])],
+                          [numpy_helper.from_array(q, "Wq"), numpy_helper.from_array(row_scale, "S"),
+                           numpy_helper.from_array(col_scale, "C")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    pruned, report = mp.prune_model(m, sparsity=0.9, min_numel=16)
+    assert [t.name for t in report.tensors] == ["Wq"]
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert reasons["S"] == "quantization scale or zero point: DequantizeLinear input 1"
+    assert reasons["C"].startswith("also feeds a non-weight input: Mul")
+    np.testing.assert_array_equal(init_of(pruned, "S"), row_scale)
+    np.testing.assert_array_equal(init_of(pruned, "C"), col_scale)
+
+
+def test_unscaled_and_unsupported_integer_weights_say_why():
+    q = np.ones((64, 32), np.int8)
+    nodes = [helper.make_node("MatMulInteger", ["x", "Wq"], ["y"])]
+    g = helper.make_graph(nodes, "g", [vi("x", [1, 64], TensorProto.INT8)], [vi("y", [1, 32], TensorProto.INT32)],
+                          [numpy_helper.from_array(q, "Wq")])
+    report = mp.inspect_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert report.skipped[0].reason.startswith("int8 weight of MatMulInteger: without a scale")
+    bad = qdq_model(np.ones((64, 32), np.int8), np.ones(7, np.float32))  # per-axis scale that does not fit
+    report = mp.inspect_model(bad)
+    assert report.tensors == []
+    assert report.skipped[-1].reason == "its DequantizeLinear per-axis scale of shape [7] does not fit axis 1 of [64, 32]"
+
+
+def test_quantized_helpers():
+    q = np.array([[1, 2], [3, 4]], np.int8)
+    info = QuantInfo(np.array([1.0, 0.5], np.float32), np.array([1, 2], np.int8), axis=1)
+    np.testing.assert_array_equal(dequantize(q, info), [[0.0, 0.0], [2.0, 1.0]])
+    out = prune_to_zero_point(q, np.array([[False, False], [True, False]]), info)
+    np.testing.assert_array_equal(out, [[1, 2], [1, 4]])
+    with pytest.raises(QuantShapeError):
+        dequantize(q, QuantInfo(np.ones(3, np.float32), None, axis=0))
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_onnxruntime_quantized_cnn(tmp_path, fmt):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    data = np.load(MODELS / "digits_cnn_calib.npz")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": data["input"][i:i + 8]} for i in range(0, 64, 8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = tmp_path / "q.onnx"
+    quantize_static(str(MODELS / "digits_cnn.onnx"), str(out), Reader(), per_channel=True,
+                    quant_format=getattr(QuantFormat, fmt))
+    pruned, report = mp.prune_model(out, sparsity=0.5)
+    assert [t.dtype for t in report.tensors] == ["int8"] * 4
+    assert report.totals.zeros_after == target_count(0.5, report.totals.prunable_params)
+    onnx.checker.check_model(pruned, full_check=True)
+    sess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    acc = (sess.run(None, {"input": data["input"]})[0].argmax(1) == data["labels"]).mean()
+    assert acc > 0.97  # measured: 0.982 (QDQ) and 0.984 (QOperator) at 50%; float model 0.987
+    scales = {t.name for t in onnx.load(out).graph.initializer if t.name.endswith("_scale")}
+    assert scales and not scales & {t.name for t in report.tensors}
