@@ -321,12 +321,16 @@ def child_end_to_end(spec: dict) -> dict:
                 rss_after[name] = proc_status()
         return wrapper
 
-    for name, attr in (("load_model", "load_model"), ("discover", "find_weights"),
-                       ("select", "plan_targets"), ("apply", "apply_plan"), ("save", "save_model")):
-        setattr(api, attr, timed(name, getattr(api, attr)))
+    from onnx_magprune import planning
     from onnx_magprune.tensor_data import TensorStore
 
-    TensorStore.read = timed("read", TensorStore.read)
+    # phases overlap: tensors in external data are read and pruned ("apply") while the output
+    # is written ("save"), one at a time
+    for module, name, attr in ((api, "load_model", "load_model"), (api, "discover", "find_weights"),
+                               (api, "select", "plan_targets"), (planning, "apply", "apply_plan"),
+                               (api, "save", "stage_model"), (TensorStore, "read", "read")):
+        if hasattr(module, attr):
+            setattr(module, attr, timed(name, getattr(module, attr)))
 
     if spec.get("cold"):
         drop_page_cache(spec["data_path"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import NamedTuple, Sequence
 
-import numpy as np
 import onnx
 
 from . import __version__
@@ -19,9 +18,9 @@ from .discovery import find_weights
 from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
 from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, stage_model
-from .planning import apply_rules, load_values, plan_targets, store_values
+from .planning import apply_rules, apply_target, load_values, plan_targets
 from .report import PruneReport, SkippedReport, TensorReport, Totals
-from .selection import DEFAULT_PARAMS, SelectionParams, apply_plan
+from .selection import DEFAULT_PARAMS, ApplyStats, SelectionParams, count_zeros
 from .tensor_data import TensorStore, dtype_name, numel
 from .validate import ValidationRequest
 
@@ -44,42 +43,58 @@ def _total_params(model: onnx.ModelProto) -> int:
     return sum(numel(t) for t in iter_all_tensors(model))
 
 
-def _run(loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: SelectionParams,
-         *, prune: bool, output: str | None) -> PruneReport:
-    found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel,
-                         include_overridable=cfg.include_overridable)
-    targets, skipped = apply_rules(found, cfg)
-    needs_sparsity = any(t.selection != "fixed" for t in targets)
-    if prune and needs_sparsity and cfg.sparsity is None:
-        raise ConfigError("no sparsity given: pass --sparsity (or sparsity= in Python, or in the config file)")
-    targets, target_values, unfit = load_values(targets, store, writable=prune)
-    skipped += unfit
-    rows: list[TensorReport] = []
-    target_zeros = None
-    if prune:
-        plans = plan_targets(targets, [tv.values for tv in target_values], cfg, params)
-        target_zeros = sum(p.pruned for p in plans)
-    for i, (t, tv) in enumerate(zip(targets, target_values)):
-        tensor, arr = t.weight.tensor, tv.values
+class _Run:
+    """One inspect or prune run: planned at once, reported by :meth:`report`
+    once every target was applied (streamed targets are applied while the
+    output is written)."""
+
+    def __init__(self, loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: SelectionParams,
+                 *, prune: bool, output: str | None, stream: bool = False):
+        self.loaded, self.cfg, self.prune, self.output = loaded, cfg, prune, output
+        found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel,
+                             include_overridable=cfg.include_overridable)
+        targets, skipped = apply_rules(found, cfg)
+        if prune and cfg.sparsity is None and any(t.selection != "fixed" for t in targets):
+            raise ConfigError("no sparsity given: pass --sparsity (or sparsity= in Python, or in the config file)")
+        self.targets, self.values, unfit = load_values(targets, store, stream=stream or not prune)
+        self.skipped = skipped + unfit
+        self.stats: list[ApplyStats | None] = [None] * len(self.targets)
+        self.plans = None
         if prune:
-            stats = apply_plan(arr, plans[i], params=params)
-            store_values(t, tv, store)
-            zeros_before, zeros_after, threshold = stats.zeros_before, stats.zeros_after, plans[i].threshold
+            self.plans = plan_targets(self.targets, [tv.source for tv in self.values], cfg, params)
+            for i, (t, tv) in enumerate(zip(self.targets, self.values)):
+                apply_target(t, tv, self.plans[i], store, params, lambda st, i=i: self._done(i, st))
         else:
-            zeros_before = zeros_after = int(arr.size - np.count_nonzero(arr.astype(np.float32) if
-                                                                         arr.dtype.name == "bfloat16" else arr))
-            threshold = None
-        rows.append(TensorReport(
-            name=t.weight.name, where=t.weight.value.where(), consumers=t.weight.consumers(),
-            shape=list(tensor.dims), dtype=dtype_name(tensor.data_type), numel=int(arr.size),
-            zeros_before=zeros_before, zeros_after=zeros_after,
-            sparsity=zeros_after / arr.size if arr.size else 0.0,
-            threshold=threshold,
-            selection=t.selection if prune else "none",
-            target_sparsity=t.sparsity if prune else None,
-            bounds=list(t.bounds) if prune and t.bounds != (0.0, 1.0) else None,
-            quantization=tv.quant.describe() if tv.quant is not None else None,
-        ))
+            for i, tv in enumerate(self.values):
+                zeros = count_zeros(tv.source, params=params)
+                self.stats[i] = ApplyStats(zeros, zeros)
+
+    def _done(self, i: int, stats: ApplyStats) -> None:
+        self.stats[i] = stats
+
+    def report(self) -> PruneReport:
+        rows = []
+        for i, (t, tv) in enumerate(zip(self.targets, self.values)):
+            tensor, stats, n = t.weight.tensor, self.stats[i], numel(t.weight.tensor)
+            if stats is None:  # pragma: no cover - every target is applied before reporting
+                raise RuntimeError(f"weight '{t.weight.name}' was not applied")
+            rows.append(TensorReport(
+                name=t.weight.name, where=t.weight.value.where(), consumers=t.weight.consumers(),
+                shape=list(tensor.dims), dtype=dtype_name(tensor.data_type), numel=n,
+                zeros_before=stats.zeros_before, zeros_after=stats.zeros_after,
+                sparsity=stats.zeros_after / n if n else 0.0,
+                threshold=self.plans[i].threshold if self.prune else None,
+                selection=t.selection if self.prune else "none",
+                target_sparsity=t.sparsity if self.prune else None,
+                bounds=list(t.bounds) if self.prune and t.bounds != (0.0, 1.0) else None,
+                quantization=tv.quant.describe() if tv.quant is not None else None,
+            ))
+        return _assemble(self.loaded, self.cfg, rows, self.skipped, self.prune, self.output,
+                         sum(p.pruned for p in self.plans) if self.prune else None)
+
+
+def _assemble(loaded: LoadedModel, cfg: PruneConfig, rows: list[TensorReport], skipped, prune: bool,
+              output: str | None, target_zeros: int | None) -> PruneReport:
     prunable = sum(r.numel for r in rows)
     zb, za = sum(r.zeros_before for r in rows), sum(r.zeros_after for r in rows)
     totals = Totals(prunable_params=prunable, total_params=_total_params(loaded.proto), zeros_before=zb,
@@ -112,7 +127,7 @@ def inspect_model(
     """What can be pruned, and what is skipped and why.  Nothing is changed."""
     loaded = load_model(model)
     cfg = _config(config, exclude=exclude, min_numel=min_numel, include_overridable=include_overridable)
-    return _run(loaded, TensorStore(loaded.base_dir), cfg, DEFAULT_PARAMS, prune=False, output=None)
+    return _Run(loaded, TensorStore(loaded.base_dir), cfg, DEFAULT_PARAMS, prune=False, output=None).report()
 
 
 def prune_model(
@@ -135,7 +150,7 @@ def prune_model(
     loaded = load_model(model)
     internalize_external_data(loaded)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
-    report = _run(loaded, TensorStore(None), cfg, params, prune=True, output=None)
+    report = _Run(loaded, TensorStore(None), cfg, params, prune=True, output=None).report()
     return PruneResult(loaded.proto, report)
 
 
@@ -161,9 +176,10 @@ def prune_file(
     loaded = load_model(source)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
     store = TensorStore(loaded.base_dir)
-    report = _run(loaded, store, cfg, params, prune=True, output=str(output))
+    run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=True)
     staged = stage_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite)
     try:
+        report = run.report()
         if validation is not None:
             report.validation = validation.run(source, staged.path)
             report.validation.pruned = str(output)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -194,6 +195,8 @@ def _write_data_file(src: Path, temp: Path, writes: list[tuple[ExternalRef, byte
                 raise OutputError(f"external data ranges overlap in '{ref.location}'")
             fin.seek(pos)
             shutil.copyfileobj(_Limited(fin, ref.offset - pos), fout, 1 << 20)
+            if callable(payload):  # produced now, so one tensor at a time is in memory
+                payload = payload()
             fout.write(payload)
             pos = ref.offset + ref.length
         fin.seek(pos)
@@ -266,8 +269,10 @@ def stage_model(
         raise OutputError(f"refusing to overwrite the input model '{output}' (pass --overwrite to allow it)")
     plan = _plan_data_files(loaded, output, in_place) if loaded.base_dir is not None else {}
     by_source: dict[Path, list] = {src: [] for src in plan}
-    for ref, array in external_writes:
-        by_source[ref.path].append((ref, memoryview(array.reshape(-1).view("u1"))))
+    for ref, payload in external_writes:
+        if not callable(payload):
+            payload = memoryview(np.ascontiguousarray(payload).reshape(-1).view("u1"))
+        by_source[ref.path].append((ref, payload))
     model = loaded.proto
     if plan:
         model = onnx.ModelProto()

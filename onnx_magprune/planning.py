@@ -11,14 +11,23 @@ tensors' names, and writes pruned values back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from .config import NonFinite, PruneConfig, Rule
 from .discovery import Discovery, QuantRef, Skipped, Weight
 from .errors import ConfigError, NonFiniteWeightError
-from .quantized import QuantInfo, QuantShapeError, dequantize, prune_to_zero_point
-from .selection import ArrayPlan, NonFiniteValues, SelectionParams, plan_global, plan_local
+from .quantized import DequantizedSource, QuantInfo, QuantShapeError, dequantize, prune_to_zero_point
+from .selection import (
+    ApplyStats,
+    ArrayPlan,
+    NonFiniteValues,
+    SelectionParams,
+    apply_plan,
+    plan_global,
+    plan_local,
+)
 from .tensor_data import TensorStore, dtype_name
 
 
@@ -84,12 +93,12 @@ def plan_targets(targets: list[Target], arrays: list[np.ndarray], cfg: PruneConf
 
 @dataclass
 class TargetValues:
-    """One target's values: ``raw`` as stored; ``values`` what selection ranks
-    and zeroes (``raw`` itself for float weights, the dequantized float64 copy
-    for quantized ones)."""
+    """What selection reads for one target (``source``: the array itself, a
+    :class:`~onnx_magprune.tensor_data.FileSource` for external data, or a
+    :class:`~onnx_magprune.quantized.DequantizedSource`), and how to apply."""
 
-    raw: np.ndarray
-    values: np.ndarray
+    source: object
+    raw: np.ndarray | None = None  # in-memory values (None: read from the file when applied)
     quant: QuantInfo | None = None
 
 
@@ -99,33 +108,51 @@ def _quant_info(ref: QuantRef, store: TensorStore) -> QuantInfo:
     return QuantInfo(scale=scale, zero_point=zp, axis=ref.axis, block_size=ref.block_size, via=ref.via)
 
 
-def load_values(targets: list[Target], store: TensorStore, *, writable: bool
+def load_values(targets: list[Target], store: TensorStore, *, stream: bool
                 ) -> tuple[list[Target], list[TargetValues], list[Skipped]]:
-    """Read every target; quantized weights whose scale does not fit are skipped with the reason."""
+    """What selection reads for every target.  With ``stream``, float weights
+    in external data stay in their files until they are applied.  Quantized
+    weights whose scale does not fit are skipped with the reason."""
     kept, values, skipped = [], [], []
     for t in targets:
-        raw = store.read(t.weight.tensor, writable=writable)
+        tensor = t.weight.tensor
         if t.weight.quant is None:
+            source = store.source(tensor) if stream else store.read(tensor)
+            raw = source if isinstance(source, np.ndarray) else None
             kept.append(t)
-            values.append(TargetValues(raw, raw))
+            values.append(TargetValues(source, raw))
             continue
+        raw = store.read(tensor)
         try:
             info = _quant_info(t.weight.quant, store)
-            deq = dequantize(raw, info)
+            source = DequantizedSource(raw, info)
         except QuantShapeError as e:
-            tensor = t.weight.tensor
             skipped.append(Skipped(t.weight.name, t.weight.value.where(), f"its {t.weight.quant.via} {e}",
                                    dtype_name(tensor.data_type), tuple(tensor.dims)))
             continue
         kept.append(t)
-        values.append(TargetValues(raw, deq, info))
+        values.append(TargetValues(source, raw, info))
     return kept, values, skipped
 
 
-def store_values(target: Target, tv: TargetValues, store: TensorStore) -> None:
-    """Write a pruned target back: float weights as they are, quantized ones
-    with every pruned entry at its zero point."""
-    if tv.quant is None:
-        store.write(target.weight.tensor, tv.values)
+def apply_target(target: Target, tv: TargetValues, plan: ArrayPlan, store: TensorStore,
+                 params: SelectionParams, done: Callable[[ApplyStats], None]) -> None:
+    """Zero ``plan``'s entries of one target and hand the result to ``store``:
+    float weights as they are, quantized ones with pruned entries at their
+    zero point.  Weights still in their files are pruned while the output is
+    written (one tensor in memory at a time); ``done`` receives the stats."""
+    tensor = target.weight.tensor
+
+    def pruned_values() -> np.ndarray:
+        if tv.quant is None:
+            values = tv.raw if tv.raw is not None else store.read(tensor)
+            done(apply_plan(values, plan, params=params))
+            return values
+        deq = dequantize(tv.raw, tv.quant)
+        done(apply_plan(deq, plan, params=params))
+        return prune_to_zero_point(tv.raw, deq == 0, tv.quant)
+
+    if tv.raw is None:
+        store.defer(tensor, lambda: store.encode(tensor, pruned_values()))
     else:
-        store.write(target.weight.tensor, prune_to_zero_point(tv.raw, tv.values == 0, tv.quant))
+        store.write(tensor, pruned_values())

@@ -80,3 +80,51 @@ def prune_to_zero_point(q: np.ndarray, pruned: np.ndarray, info: QuantInfo) -> n
         zp = np.broadcast_to(_broadcast(info.zero_point, q.shape, info.axis, info.block_size), q.shape)
         out[pruned] = zp[pruned].astype(q.dtype)
     return out
+
+
+def _param_at(flat_index: np.ndarray, shape: tuple[int, ...], param: np.ndarray, axis: int,
+              block_size: int) -> np.ndarray:
+    """The scale (or zero point) applying to each flat index of a weight of ``shape``."""
+    if param.size == 1:
+        return param.reshape(-1)[:1]
+    rank = len(shape)
+    axis = axis + rank if axis < 0 else axis
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    dim = shape[axis]
+    along = (flat_index // inner) % dim
+    if not block_size:
+        return param.reshape(-1)[along]
+    blocks = param.shape[axis]
+    outer = flat_index // (inner * dim)
+    return param.reshape(-1)[(outer * blocks + along // block_size) * inner + flat_index % inner]
+
+
+class DequantizedSource:
+    """Dequantized values of a quantized weight, computed block by block (a
+    selection source: no float copy of the whole tensor is made)."""
+
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, raw: np.ndarray, info: QuantInfo):
+        _broadcast(np.asarray(info.scale), raw.shape, info.axis, info.block_size)  # raises if they do not fit
+        if info.zero_point is not None:
+            _broadcast(np.asarray(info.zero_point), raw.shape, info.axis, info.block_size)
+        self.raw, self.info = raw, info
+        self.flat = raw.reshape(-1)
+        self.size = int(self.flat.size)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, self.size)
+        idx = np.arange(start, stop, dtype=np.int64)
+        return self._values(self.flat[start:stop], idx)
+
+    def take_strided(self, first: int, stride: int) -> np.ndarray:
+        idx = np.arange(first, self.size, stride, dtype=np.int64)
+        return self._values(self.flat[idx], idx)
+
+    def _values(self, q: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        info, shape = self.info, self.raw.shape
+        v = q.astype(np.float64)
+        if info.zero_point is not None:
+            v -= _param_at(idx, shape, np.asarray(info.zero_point), info.axis, info.block_size).astype(np.float64)
+        return v * _param_at(idx, shape, np.asarray(info.scale, dtype=np.float64), info.axis, info.block_size)

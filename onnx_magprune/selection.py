@@ -142,6 +142,28 @@ def _flat(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1)
 
 
+class ArraySource:
+    """An in-memory array as a selection source."""
+
+    def __init__(self, array: np.ndarray):
+        self.flat = _flat(array)
+        self.size = int(self.flat.size)
+        self.dtype = self.flat.dtype
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.flat[start:stop]
+
+    def take_strided(self, first: int, stride: int) -> np.ndarray:
+        return self.flat[first::stride]
+
+
+def as_source(a):
+    """Selection reads arrays, or any object with ``size``, ``dtype``,
+    ``read(start, stop)`` and ``take_strided(first, stride)`` (e.g. a tensor
+    in a file, read block by block so memory stays bounded)."""
+    return ArraySource(a) if isinstance(a, np.ndarray) else a
+
+
 def _iter_mags(flat: np.ndarray, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(start, chunk_view, magnitudes)``; ``magnitudes`` is a reused buffer."""
     cd = compare_dtype(flat.dtype)
@@ -164,16 +186,18 @@ def _map_blocks(
 ) -> list[tuple[int, R]]:
     """``[(array_index, fn(array_index, start, block))]`` over every block, in block order."""
     size = params.chunk * params.chunks_per_block
-    items = [
-        (i, start, _flat(a)[start : start + size])
-        for i, a in enumerate(arrays)
-        for start in range(0, a.size, size)
-    ]
+    sources = [as_source(a) for a in arrays]
+    items = [(i, start) for i, src in enumerate(sources) for start in range(0, src.size, size)]
+
+    def work(item):
+        i, start = item
+        return fn(i, start, sources[i].read(start, start + size))
+
     workers = params.threads or min(8, os.cpu_count() or 1)
     if workers <= 1 or len(items) <= 1:
-        return [(i, fn(i, s, b)) for i, s, b in items]
+        return [(it[0], work(it)) for it in items]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda it: fn(*it), items))
+        results = list(pool.map(work, items))
     return [(it[0], r) for it, r in zip(items, results)]
 
 
@@ -213,11 +237,14 @@ def _sample(arrays: Sequence[np.ndarray], params: SelectionParams) -> np.ndarray
     prime stride, so rows of any width are sampled across all columns).
     Strided reads touch a fraction of the memory: no full pass."""
     total = sum(int(a.size) for a in arrays)
-    size = max(params.sample_size, min(total // 1024, 16 * params.sample_size))
+    in_memory = all(isinstance(as_source(a), ArraySource) for a in arrays)
+    # larger samples for large in-memory pools (cheap strided reads); sources read through
+    # files pay a system call per sample, so they keep the base size
+    size = max(params.sample_size, min(total // 1024, 16 * params.sample_size)) if in_memory else params.sample_size
     stride = _prime_at_least(total // size) if total > size else 1
     parts, pos = [], 0
-    for a in arrays:
-        picked = _flat(a)[(-pos) % stride :: stride]
+    for a in map(as_source, arrays):
+        picked = a.take_strided((-pos) % stride, stride)
         if _is_bf16(picked.dtype):
             picked = picked.astype(np.float32)
         parts.append(np.abs(picked.astype(np.float64)))
@@ -346,8 +373,8 @@ def _check_finite(nonfinite: Sequence[int], keep_nonfinite: bool) -> None:
 def _select_direct(arrays, count_for: Callable[[int], int], keep_nonfinite: bool,
                    params: SelectionParams) -> list[ArrayPlan]:
     mags, nonfinite = [], []
-    for a in arrays:
-        parts = [m.astype(np.float64) for _s, _c, m in _iter_mags(_flat(a), params.chunk)]
+    for a in map(as_source, arrays):
+        parts = [m.astype(np.float64) for _s, _c, m in _iter_mags(a.read(0, a.size), params.chunk)]
         whole = np.concatenate(parts) if parts else np.empty(0, np.float64)
         finite = np.isfinite(whole)
         nonfinite.append(int(whole.size - np.count_nonzero(finite)))
@@ -568,3 +595,12 @@ def apply_plan(array: np.ndarray, plan: ArrayPlan, *, params: SelectionParams = 
     # every zero lies below a positive threshold; a zero threshold prunes only zeros
     zeros_after = plan.below + ties.size if plan.threshold > 0 else zeros_before
     return ApplyStats(zeros_before, zeros_after)
+
+
+def count_zeros(source, *, params: SelectionParams = DEFAULT_PARAMS) -> int:
+    """Entries equal to zero (either sign), block by block."""
+
+    def block_zeros(_i: int, _start: int, block: np.ndarray) -> int:
+        return sum(int(m.size - np.count_nonzero(m)) for _s, _c, m in _iter_mags(block, params.chunk))
+
+    return sum(z for _i, z in _map_blocks(block_zeros, [source], params))

@@ -11,6 +11,7 @@ are handed to the writer at save time, so nothing else in the model changes.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,35 @@ def _typed_field(data_type: int) -> str:
     }[data_type]
 
 
+class FileSource:
+    """A float tensor stored as external data, read block by block (see
+    :func:`onnx_magprune.selection.as_source`): selection over it needs no
+    copy of the tensor in memory."""
+
+    def __init__(self, ref: ExternalRef, dtype: np.dtype, size: int):
+        self.ref, self.dtype, self.size = ref, dtype, size
+        self._bits = np.dtype(f"<u{dtype.itemsize}")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, self.size)
+        raw = np.fromfile(self.ref.path, dtype=self._bits, count=stop - start,
+                          offset=self.ref.offset + start * self.dtype.itemsize)
+        if raw.size != stop - start:
+            raise ModelLoadError(f"external data '{self.ref.location}' ended early")
+        return raw.view(self.dtype)
+
+    def take_strided(self, first: int, stride: int) -> np.ndarray:
+        item = self.dtype.itemsize
+        out = np.empty(len(range(first, self.size, stride)), self._bits)
+        fd = os.open(self.ref.path, os.O_RDONLY)
+        try:
+            for j, i in enumerate(range(first, self.size, stride)):
+                out[j] = int.from_bytes(os.pread(fd, item, self.ref.offset + i * item), "little")
+        finally:
+            os.close(fd)
+        return out.view(self.dtype)
+
+
 class TensorStore:
     """Reads float tensors of one model as writable arrays; writes them back.
 
@@ -93,6 +123,27 @@ class TensorStore:
         if tensor.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
             return np.asarray(field, dtype=np.int64).astype(np.uint16).view(dtype).reshape(shape)
         return np.asarray(field, dtype=dtype).reshape(shape)
+
+    def source(self, tensor: TensorProto):
+        """What selection reads: a :class:`FileSource` for float external data
+        (nothing read into memory), else the values themselves."""
+        if tensor.data_type in FLOAT_TYPES and uses_external_data(tensor) and self.base_dir is not None:
+            dtype = np_dtype(tensor.data_type)
+            ref = parse_external_ref(tensor, self.base_dir, numel(tensor) * dtype.itemsize)
+            self._refs[id(tensor)] = ref
+            return FileSource(ref, dtype, numel(tensor))
+        return self.read(tensor)
+
+    def encode(self, tensor: TensorProto, array: np.ndarray) -> memoryview:
+        """The bytes ``array`` has in ``tensor``'s external data (4-bit types packed)."""
+        if tensor.data_type in QUANT_TYPES:
+            return memoryview(numpy_helper.from_array(np.ascontiguousarray(array)).raw_data)
+        return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+    def defer(self, tensor: TensorProto, produce) -> None:
+        """Have the saver call ``produce()`` for ``tensor``'s new bytes while it
+        writes the output, so only one tensor is in memory at a time."""
+        self.external_writes.append((self._refs[id(tensor)], produce))
 
     def _read_integer(self, tensor: TensorProto) -> np.ndarray:
         """Quantized weights: decoded with onnx's own rules (4-bit unpacked to one value per byte)."""
