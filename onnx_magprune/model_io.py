@@ -268,6 +268,9 @@ def stage_model(
     if in_place and not overwrite:
         raise OutputError(f"refusing to overwrite the input model '{output}' (pass --overwrite to allow it)")
     plan = _plan_data_files(loaded, output, in_place) if loaded.base_dir is not None else {}
+    if output.resolve() in plan and not overwrite:
+        raise OutputError(f"refusing to write the output over the input's external data file '{output}' "
+                          "(pass --overwrite to allow it)")
     by_source: dict[Path, list] = {src: [] for src in plan}
     for ref, payload in external_writes:
         if not callable(payload):
