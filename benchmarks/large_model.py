@@ -75,13 +75,41 @@ def count_zeros(model_path: Path) -> int:
     return sum(int(np.count_nonzero(store.read(t, writable=False) == 0)) for t in m.graph.initializer)
 
 
+def write_readme(r: dict) -> None:
+    """The README's large-model table, generated from one run's JSON."""
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    lines = [f"`python benchmarks/large_model.py --write-readme` on {r['machine']['cpu_model']}, "
+             f"{r['machine']['cores']} cores: {r['n_params']:,} float32 weights ({r['weight_bytes'] / 1e9:.2f} GB) "
+             f"in {r['tensors']} external-data tensors, pruned at {r['sparsity']:.0%}. Target: peak RSS under "
+             f"1.5x the largest tensor plus the protobuf skeleton = {mib(r['target_peak_rss_bytes'])}.", "",
+             "| scope | wall time | peak RSS | of which the interpreter and imports | peak / target | exact |",
+             "|---|---|---|---|---|---|"]
+    for scope, run in r["runs"].items():
+        lines.append(f"| {scope} | {run['seconds']:.1f} s | {mib(run['peak_rss'])} | {mib(run['rss_after_import'])} "
+                     f"| {run['peak_rss_over_target']:.2f} (above imports: "
+                     f"{run['peak_rss_above_import_over_target']:.2f}) | "
+                     f"{run['zeros_after'] == run['target_zeros'] == run['zeros_in_file']} |")
+    lines += ["", f"A second run wrote byte-identical files: {r['byte_identical_rerun']}."]
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    start = text.index("<!-- large-model:start -->") + len("<!-- large-model:start -->")
+    end = text.index("<!-- large-model:end -->")
+    readme.write_text(text[:start] + "\n" + "\n".join(lines) + "\n" + text[end:])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gb", type=float, default=3.0, help="weight bytes in GB (default 3.0)")
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--write-readme", action="store_true",
+                   help="also save benchmarks/results/large_model.json and rewrite the README's large-model table")
+    p.add_argument("--from-json", type=Path, default=None, help="only rewrite the README from a saved result")
     args = p.parse_args()
+    if args.from_json:
+        write_readme(json.loads(args.from_json.read_text()))
+        return 0
     layout = plan_layout(int(args.gb * 1e9 / 4), args.dim)
     n = sum(t["n"] for t in layout)
     work = Path(tempfile.mkdtemp(prefix="large_model-", dir=HERE / ".cache" if (HERE / ".cache").is_dir() else None))
@@ -122,6 +150,10 @@ def main() -> int:
         }
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
+        if args.write_readme:
+            (HERE / "results").mkdir(exist_ok=True)
+            (HERE / "results" / "large_model.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_readme(result)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -59,9 +59,9 @@ def apply_rules(found: Discovery, cfg: PruneConfig) -> tuple[list[Target], list[
     return targets, skipped
 
 
-def plan_targets(targets: list[Target], arrays: list[np.ndarray], cfg: PruneConfig,
+def plan_targets(targets: list[Target], arrays: list, cfg: PruneConfig,
                  params: SelectionParams) -> list[ArrayPlan]:
-    """The selection for every target (``arrays`` hold their values, in order)."""
+    """The selection for every target (``arrays``: their values or block sources, in order)."""
     keep = cfg.nonfinite is NonFinite.KEEP
     plans: list[ArrayPlan | None] = [None] * len(targets)
     pool = [i for i, t in enumerate(targets) if t.selection == "global"]
@@ -69,11 +69,12 @@ def plan_targets(targets: list[Target], arrays: list[np.ndarray], cfg: PruneConf
     try:
         for i, t in enumerate(targets):
             current = [i]
-            if t.selection == "fixed":
-                plans[i] = plan_local(arrays[i], t.sparsity, keep_nonfinite=keep, params=params)
-            elif t.selection == "local":
-                lo, hi = t.bounds
-                plans[i] = plan_local(arrays[i], min(max(t.sparsity, lo), hi), keep_nonfinite=keep, params=params)
+            if t.selection == "global":
+                continue
+            lo, hi = t.bounds
+            sparsity = t.sparsity if t.selection == "fixed" else min(max(t.sparsity, lo), hi)
+            one = arrays[i] if isinstance(arrays[i], np.ndarray) else arrays[i].read(0, arrays[i].size)
+            plans[i] = plan_local(one, sparsity, keep_nonfinite=keep, params=params)  # one tensor in memory
         if pool:
             current = pool
             pooled = plan_global([arrays[i] for i in pool], cfg.sparsity, bounds=[targets[i].bounds for i in pool],

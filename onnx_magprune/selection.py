@@ -271,7 +271,10 @@ def _count(arrays, lo: float, hi: float, params: SelectionParams, collect: bool)
     lock = threading.Lock()
     collected = [0]
     overflow = [not collect]
-    cap = max(params.candidate_cap, sum(int(a.size) for a in arrays) // 32)
+    in_memory = all(isinstance(as_source(a), ArraySource) for a in arrays)
+    # in-memory pools may collect up to n/32 candidates (speed); pools read from files keep the
+    # fixed cap, so memory stays bounded (an overflowing bracket is narrowed by one more pass)
+    cap = max(params.candidate_cap, sum(int(a.size) for a in arrays) // 32) if in_memory else params.candidate_cap
 
     def count_block(i: int, _start: int, block: np.ndarray):
         cd = compare_dtype(block.dtype)
