@@ -218,3 +218,25 @@ def test_custom_ops_prune_but_validation_says_onnxruntime_cannot_run(tmp_path):
     assert r.exit_code == 0 and out.exists()
     r = CliRunner().invoke(main, ["validate", str(src), str(out), "-q"])
     assert r.exit_code == 2 and "onnxruntime cannot load" in r.output and "Traceback" not in r.output
+
+
+def test_zero_sized_and_half_precision_models(tmp_path):
+    from onnx_magprune.validate import validate_models
+
+    w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Concat", ["h", "E"], ["y"], axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 32])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros((2, 0), np.float16), "E")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    src, out = tmp_path / "h.onnx", tmp_path / "p.onnx"
+    src.write_bytes(m.SerializeToString())
+    r = CliRunner().invoke(main, ["prune", str(src), "-o", str(out), "--sparsity", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    report = json.loads(r.output)
+    assert [t["name"] for t in report["tensors"]] == ["W"] and report["totals"]["zeros_after"] == 512
+    assert {s["name"]: s["reason"] for s in report["skipped"]}["E"] == "empty tensor"
+    v = validate_models(src, out, gates=__import__("onnx_magprune").Gates(min_cosine=0.5))
+    assert v.outputs[0]["kind"] == "float" and 0.5 < v.outputs[0]["cosine"] < 1.0 and v.passed
