@@ -158,15 +158,24 @@ def _write_markdown(path: str | None, report) -> None:
         write_text_atomic(path, report.to_markdown())
 
 
+def _output(report, report_path: str | None, markdown_path: str | None, as_json: bool, quiet: bool) -> None:
+    """Validation and bench reports: JSON and Markdown files, then JSON or a table on stdout."""
+    if report_path:
+        write_text_atomic(report_path, report.to_json())
+    _write_markdown(markdown_path, report)
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    elif not quiet:
+        click.echo(report.format_table())
+
+
+_weight_options = _compose(_config_option, _exclude_option, _min_numel_option, _overridable_option, _report_option,
+                           _json_option, _all_option)
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@_config_option
-@_exclude_option
-@_min_numel_option
-@_overridable_option
-@_report_option
-@_json_option
-@_all_option
+@_weight_options
 def inspect(model, config_path, exclude, min_numel, include_overridable, report_path, as_json, all_skipped):
     """List the prunable weights of MODEL, and every skipped tensor with its reason."""
     report = inspect_model(model, config=_base_config(config_path), exclude=exclude, min_numel=min_numel,
@@ -185,13 +194,7 @@ def inspect(model, config_path, exclude, min_numel, include_overridable, report_
               help="NaN/Inf weights: error [default], or keep them unpruned.")
 @click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input model itself.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
-@_config_option
-@_exclude_option
-@_min_numel_option
-@_overridable_option
-@_report_option
-@_json_option
-@_all_option
+@_weight_options
 @_calibration_options
 @_runtime_options
 @_gate_options
@@ -238,13 +241,7 @@ def validate(dense, pruned, report_path, markdown_path, as_json, quiet, **kw):
     report = validate_models(dense, pruned, kw["calibration"], labels=kw["labels"], gates=_gates(kw),
                              runtime=_runtime(kw), synthetic=_synthetic(kw), max_samples=kw["max_samples"],
                              label_output=kw["label_output"], quiet=quiet)
-    if report_path:
-        write_text_atomic(report_path, report.to_json())
-    _write_markdown(markdown_path, report)
-    if as_json:
-        click.echo(report.to_json(), nl=False)
-    elif not quiet:
-        click.echo(report.format_table())
+    _output(report, report_path, markdown_path, as_json, quiet)
     if not report.passed:
         failed = [g for g in report.gates if not g.passed]
         raise GateFailed(f"{len(failed)} quality gate(s) failed ({', '.join(g.gate for g in failed)})")
@@ -269,14 +266,7 @@ def bench(models, runs, warmup, no_memory, report_path, markdown_path, as_json, 
     report = bench_models(list(models), kw["calibration"], runtime=runtime,
                           options=BenchOptions(runs=runs, warmup=warmup, measure_memory=not no_memory),
                           synthetic=_synthetic(kw, default_samples=runtime.batch_size), quiet=quiet)
-    if report_path:
-        write_text_atomic(report_path, report.to_json())
-    if markdown_path:
-        write_text_atomic(markdown_path, report.to_markdown())
-    if as_json:
-        click.echo(report.to_json(), nl=False)
-    elif not quiet:
-        click.echo(report.format_table())
+    _output(report, report_path, markdown_path, as_json, quiet)
 
 
 def run() -> None:  # console-script entry point
