@@ -216,6 +216,8 @@ def bench_models(
     threads = runtime.threads or os.cpu_count()
     create_times: list[list[float]] = [[] for _ in models]
     sessions = [None] * len(models)
+    for m in models:  # untimed: the first creation pays one-off costs (imports, page cache)
+        create_session(m, choice, threads=threads)
     for r in range(options.startup_repeats):
         order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
         for i in order:
