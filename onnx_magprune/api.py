@@ -18,7 +18,8 @@ from .discovery import find_weights
 from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
 from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, stage_model
-from .planning import apply_rules, apply_target, load_values, plan_targets
+from .discovery import Skipped
+from .planning import apply_rules, apply_target, load_values, plan_targets, shared_external_bytes
 from .report import PruneReport, SkippedReport, TensorReport, Totals
 from .selection import DEFAULT_PARAMS, ApplyStats, SelectionParams, count_zeros
 from .tensor_data import TensorStore, dtype_name, numel
@@ -54,6 +55,12 @@ class _Run:
         found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel,
                              include_overridable=cfg.include_overridable)
         targets, skipped = apply_rules(found, cfg)
+        for t, other in shared_external_bytes(targets, list(iter_all_tensors(loaded.proto)), loaded.base_dir):
+            targets.remove(t)
+            tensor = t.weight.tensor
+            skipped.append(Skipped(t.weight.name, t.weight.value.where(),
+                                   f"shares its external data bytes with '{other}', which is not pruned",
+                                   dtype_name(tensor.data_type), tuple(tensor.dims)))
         if prune and cfg.sparsity is None and any(t.selection != "fixed" for t in targets):
             raise ConfigError("no sparsity given: pass --sparsity (or sparsity= in Python, or in the config file)")
         self.targets, self.values, unfit = load_values(targets, store, stream=stream or not prune)

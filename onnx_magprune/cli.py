@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -16,7 +17,7 @@ from .api import inspect_model, prune_file
 from .bench import BenchOptions, bench_models
 from .calibration import SyntheticSpec, parse_shape
 from .config import DEFAULT_MIN_NUMEL, NonFinite, PruneConfig, Scope, load_config
-from .errors import GateFailed, MagpruneError
+from .errors import GateFailed, MagpruneError, OutputError
 from .model_io import write_text_atomic
 from .report import PruneReport
 from .validate import RuntimeOptions, ValidationRequest, validate_models
@@ -37,6 +38,9 @@ class _Group(click.Group):
                 traceback.print_exc()
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except click.UsageError as e:  # bad options: one line too
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
@@ -153,6 +157,12 @@ def _synthetic(kw, default_samples: int = 16) -> SyntheticSpec:
                          shapes=shapes)
 
 
+def _check_dirs(*paths: str | None) -> None:
+    for p in paths:
+        if p and not Path(p).resolve().parent.is_dir():
+            raise OutputError(f"directory '{Path(p).parent}' does not exist")
+
+
 def _write_markdown(path: str | None, report) -> None:
     if path and report is not None:
         write_text_atomic(path, report.to_markdown())
@@ -207,6 +217,7 @@ def prune(model, output, sparsity, scope, nonfinite, overwrite, quiet, config_pa
 
     With --calibration (or --validate) the pruned model is validated against
     MODEL before it is written; if a gate fails, nothing is written (exit 1)."""
+    _check_dirs(report_path, markdown_path)  # before pruning: a report that cannot be written fails the run early
     gates = _gates(kw)
     validation = None
     if kw["calibration"] is not None or gates.any or force_validate:

@@ -142,6 +142,8 @@ def _trace(value: Value, index: GraphIndex) -> tuple[list[Use], list[tuple[str, 
                 weight_uses.append(use)
             elif _METADATA_ONLY.get(use.op) == use.slot:
                 continue
+            elif index.callee_input(use) is not None:  # into a local function: follow its body
+                stack.append(index.callee_input(use))
             elif _passes_through(use, index):
                 stack.extend(v for v in index.outputs_of(use.node) if v is not None)
             elif use.node is None:

@@ -73,9 +73,20 @@ class GraphIndex:
         self._outputs: dict[int, list[Value | None]] = {}
         self._inputs: dict[tuple[int, int], Value] = {}
         self.opsets = {("" if o.domain in DEFAULT_DOMAINS else o.domain): o.version for o in model.opset_import}
+        #: (domain, name) of each local function -> its formal inputs' values, in order
+        self.function_inputs: dict[tuple[str, str], list[Value]] = {}
         self._graph(model.graph, "main", {})
         for function in model.functions:
             self._function(function)
+
+    def callee_input(self, use: Use) -> Value | None:
+        """The formal input a call to a local function passes ``use``'s value to, if it is one."""
+        if use.node is None:
+            return None
+        formals = self.function_inputs.get((use.node.domain, use.node.op_type))
+        if formals is None or use.slot >= len(formals):
+            return None
+        return formals[use.slot]
 
     def outputs_of(self, node: onnx.NodeProto) -> list[Value | None]:
         return self._outputs.get(id(node), [])
@@ -149,6 +160,7 @@ class GraphIndex:
         local: dict[str, Value] = {}
         for name in function.input:
             self._bind(local, Value(name, label, "graph_input"))
+        self.function_inputs[(function.domain, function.name)] = [local[n] for n in function.input if n in local]
         self._bind_nodes(local, function.node, label)
         self._use_nodes(local, function.node, label)
         for slot, name in enumerate(function.output):

@@ -239,6 +239,8 @@ class StagedModel:
             for rel in self.files:
                 final = self.output.parent / rel
                 final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():  # replacing a file keeps its permissions
+                    os.chmod(self.staging / rel, final.stat().st_mode & 0o7777)
                 os.replace(self.staging / rel, final)
         except OSError as e:
             raise OutputError(f"cannot write '{self.output}': {e.strerror or e}") from e
@@ -271,6 +273,8 @@ def stage_model(
     if output.resolve() in plan and not overwrite:
         raise OutputError(f"refusing to write the output over the input's external data file '{output}' "
                           "(pass --overwrite to allow it)")
+    if any((output.parent / loc).resolve() == output.resolve() for loc in plan.values()):
+        raise OutputError(f"the output '{output}' would be its own external data file; choose another name")
     by_source: dict[Path, list] = {src: [] for src in plan}
     for ref, payload in external_writes:
         if not callable(payload):

@@ -109,6 +109,32 @@ def _quant_info(ref: QuantRef, store: TensorStore) -> QuantInfo:
     return QuantInfo(scale=scale, zero_point=zp, axis=ref.axis, block_size=ref.block_size, via=ref.via)
 
 
+def shared_external_bytes(targets: list[Target], all_tensors, base_dir) -> list[tuple[Target, str]]:
+    """Targets whose external bytes overlap a tensor that is not pruned (pruning
+    them would change it too), with that tensor's name."""
+    from .external_data import external_info, resolve_location, uses_external_data
+
+    def span(t):
+        info = external_info(t)
+        path = resolve_location(t.name, info.get("location", ""), base_dir)
+        start = int(info.get("offset", 0))
+        return path, start, start + int(info.get("length", 0) or 0)
+
+    if base_dir is None:
+        return []
+    mine = {id(t.weight.tensor) for t in targets}
+    others = [(t.name, *span(t)) for t in all_tensors if uses_external_data(t) and id(t) not in mine]
+    clashes = []
+    for t in targets:
+        if not uses_external_data(t.weight.tensor):
+            continue
+        path, a, b = span(t.weight.tensor)
+        hit = next((name for name, p, c, d in others if p == path and a < d and c < b), None)
+        if hit is not None:
+            clashes.append((t, hit))
+    return clashes
+
+
 def load_values(targets: list[Target], store: TensorStore, *, stream: bool
                 ) -> tuple[list[Target], list[TargetValues], list[Skipped]]:
     """What selection reads for every target.  With ``stream``, float weights

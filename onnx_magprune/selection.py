@@ -59,6 +59,13 @@ class SelectionParams:
     candidate_cap: int = 1 << 21  # raised to n/32 for large pools
     split_ways: int = 16
 
+    def __post_init__(self):
+        for name, low in (("chunk", 1), ("chunks_per_block", 1), ("threads", 0), ("direct_max", 0),
+                          ("sample_size", 1), ("candidate_cap", 0), ("split_ways", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"SelectionParams.{name} must be an integer >= {low}, got {value!r}")
+
 
 DEFAULT_PARAMS = SelectionParams()
 
@@ -404,7 +411,7 @@ def _select_streaming(arrays, count_for: Callable[[int], int], keep_nonfinite: b
                       params: SelectionParams) -> list[ArrayPlan]:
     total = sum(int(a.size) for a in arrays)
     sample = _sample(arrays, params)
-    lo, hi = _bracket_from_sample(sample, max(1, count_for(total)), total)
+    lo, hi = _bracket_from_sample(sample, min(max(1, count_for(total)), total), total)
     counted = _count(arrays, lo, hi, params, collect=True)
     _check_finite(counted.nonfinite, keep_nonfinite)
     n = total - sum(counted.nonfinite)
