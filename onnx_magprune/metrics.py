@@ -9,8 +9,9 @@ Per output:
 * ``rel_l2``: ``||pruned - dense|| / ||dense||`` over the whole output;
 * ``cosine``: cosine similarity of the whole output, and per sample (the
   first axis) its mean and min;
-* ``top1_agreement``: for class-score-like outputs (floating point, rank >= 2,
-  last axis >= 2), how often the argmax over the last axis agrees;
+* ``top1_agreement``: for class-score-like outputs (floating point ``[N, C]``
+  with C >= 2, or rank >= 2 outputs named like logits/scores/probabilities),
+  how often the argmax over the last axis agrees;
 * ``exact_match``: for integer and boolean outputs, the share of equal entries;
 * ``nan_count`` / ``inf_count`` in dense and pruned outputs.
 
@@ -30,8 +31,13 @@ def _f64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def looks_like_class_scores(shape: tuple[int, ...], dtype: np.dtype) -> bool:
-    return (dtype.kind == "f" or dtype.name == "bfloat16") and len(shape) >= 2 and shape[-1] >= 2
+def looks_like_class_scores(shape: tuple[int, ...], dtype: np.dtype, name: str = "") -> bool:
+    """Floating point ``[N, C]`` with C >= 2, or any rank >= 2 output named like logits or scores
+    (token logits ``[N, T, V]``); hidden states and embeddings are not class scores."""
+    if not (dtype.kind == "f" or dtype.name == "bfloat16") or len(shape) < 2 or shape[-1] < 2:
+        return False
+    lowered = name.lower()
+    return len(shape) == 2 or any(w in lowered for w in ("logit", "score", "prob"))
 
 
 @dataclass
@@ -92,7 +98,7 @@ class OutputDrift:
             self.sample_cos_sum += float(cos.sum())
             self.sample_cos_min = min(self.sample_cos_min, float(cos.min()))
             self.sample_cos_count += cos.size
-        if looks_like_class_scores(dense.shape, dense.dtype):
+        if looks_like_class_scores(dense.shape, dense.dtype, self.name):
             a, b = np.argmax(d, axis=-1), np.argmax(p, axis=-1)
             self.top1_agree += int(np.count_nonzero(a == b))
             self.top1_total += a.size
@@ -172,7 +178,7 @@ class Accuracy:
 def predictions(output: np.ndarray) -> np.ndarray:
     """Class predictions: argmax over the last axis of scores, or the output itself for labels."""
     output = np.asarray(output)
-    if looks_like_class_scores(output.shape, output.dtype):
+    if (output.dtype.kind == "f" or output.dtype.name == "bfloat16") and output.ndim >= 2:
         return np.argmax(output, axis=-1).reshape(-1)
     return output.reshape(-1)
 

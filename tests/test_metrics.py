@@ -63,3 +63,15 @@ def test_accuracy_and_label_output_choice():
 def test_shape_mismatch_is_reported():
     with pytest.raises(ValueError, match="dense shape"):
         OutputDrift("y").update(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_hidden_states_are_not_class_scores():
+    from onnx_magprune.metrics import looks_like_class_scores
+
+    f32 = np.dtype(np.float32)
+    assert looks_like_class_scores((8, 10), f32)
+    assert not looks_like_class_scores((8, 64, 384), f32, "last_hidden_state")
+    assert looks_like_class_scores((8, 64, 30522), f32, "logits")
+    d = OutputDrift("last_hidden_state")
+    d.update(np.ones((2, 3, 4), np.float32), np.ones((2, 3, 4), np.float32))
+    assert d.result()["top1_agreement"] is None
