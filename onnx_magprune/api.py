@@ -19,6 +19,7 @@ from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
 from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, stage_model
 from .discovery import Skipped
+from .encoding import Format, decode_model, encode_tensors, parse_format
 from .planning import apply_rules, apply_target, load_values, plan_targets, shared_external_bytes
 from .report import PruneReport, SkippedReport, TensorReport, Totals
 from .selection import DEFAULT_PARAMS, ApplyStats, SelectionParams, count_zeros
@@ -38,6 +39,12 @@ def _config(config: PruneConfig | None, **overrides) -> PruneConfig:
         return (config or PruneConfig()).with_overrides(**overrides)
     except TypeError as e:  # an unknown keyword option
         raise ConfigError(str(e).replace("with_overrides()", "option")) from e
+
+
+def _dense_bytes(tensor: onnx.TensorProto) -> int:
+    from .model_io import _expected_nbytes
+
+    return _expected_nbytes(tensor) or 0
 
 
 def _total_params(model: onnx.ModelProto) -> int:
@@ -79,8 +86,15 @@ class _Run:
     def _done(self, i: int, stats: ApplyStats) -> None:
         self.stats[i] = stats
 
+    def encode(self, fmt: Format) -> None:
+        """Store the pruned float weights in ``fmt`` (after they were applied)."""
+        self.encoded = {e.name: e for e in encode_tensors(
+            self.loaded.proto, [t.weight.tensor for t in self.targets], fmt, TensorStore(self.loaded.base_dir))}
+        self.fmt = fmt
+
     def report(self) -> PruneReport:
         rows = []
+        encoded = getattr(self, "encoded", {})
         for i, (t, tv) in enumerate(zip(self.targets, self.values)):
             tensor, stats, n = t.weight.tensor, self.stats[i], numel(t.weight.tensor)
             if stats is None:  # pragma: no cover - every target is applied before reporting
@@ -95,9 +109,20 @@ class _Run:
                 target_sparsity=t.sparsity if self.prune else None,
                 bounds=list(t.bounds) if self.prune and t.bounds != (0.0, 1.0) else None,
                 quantization=tv.quant.describe() if tv.quant is not None else None,
+                format=encoded[t.weight.name].format if t.weight.name in encoded else "dense",
+                stored_bytes=(encoded[t.weight.name].encoded_bytes if t.weight.name in encoded
+                              else _dense_bytes(tensor)) if self.prune else None,
             ))
-        return _assemble(self.loaded, self.cfg, rows, self.skipped, self.prune, self.output,
+        if encoded and any(e.format != "dense" for e in encoded.values()):
+            note = ("sparse formats cut file and download size only: ONNX Runtime densifies sparse "
+                    "initializers when it loads the model, so memory and inference speed are as dense")
+        else:
+            note = None
+        report = _assemble(self.loaded, self.cfg, rows, self.skipped, self.prune, self.output,
                          sum(p.pruned for p in self.plans) if self.prune else None)
+        if note:
+            report.notes = [note if n.startswith("zeros are stored densely") else n for n in report.notes]
+        return report
 
 
 def _assemble(loaded: LoadedModel, cfg: PruneConfig, rows: list[TensorReport], skipped, prune: bool,
@@ -154,11 +179,14 @@ def prune_model(
     ``nonfinite`` ("error" or "keep"), ``include_overridable``; see
     :meth:`PruneConfig.with_overrides`.
     """
+    fmt = parse_format(options.pop("format", "dense"))
     loaded = load_model(model)
     internalize_external_data(loaded)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
-    report = _Run(loaded, TensorStore(None), cfg, params, prune=True, output=None).report()
-    return PruneResult(loaded.proto, report)
+    run = _Run(loaded, TensorStore(None), cfg, params, prune=True, output=None)
+    if fmt is not Format.DENSE:
+        run.encode(fmt)
+    return PruneResult(loaded.proto, run.report())
 
 
 def prune_file(
@@ -180,10 +208,13 @@ def prune_file(
     With ``validation``, the staged output is validated against ``source``
     before it is put in place; when a gate fails nothing is written and
     :class:`GateFailed` is raised (its ``report`` holds the full report)."""
+    fmt = parse_format(options.pop("format", "dense"))
     loaded = load_model(source)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
     store = TensorStore(loaded.base_dir)
     run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=True)
+    if fmt is not Format.DENSE:
+        run.encode(fmt)
     staged = stage_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite)
     try:
         report = run.report()
@@ -199,3 +230,25 @@ def prune_file(
         raise
     staged.commit()
     return report
+
+
+def encode_file(source: str | os.PathLike, output: str | os.PathLike, fmt: Format | str, *,
+                overwrite: bool = False, **options) -> PruneReport:
+    """Re-encode the weights of an already-pruned model (no pruning) into ``output``."""
+    fmt = parse_format(fmt)
+    loaded = load_model(source)
+    cfg = _config(None, sparsity=0.0, **options)
+    run = _Run(loaded, TensorStore(loaded.base_dir), cfg, DEFAULT_PARAMS, prune=True, output=str(output))
+    run.encode(fmt)
+    report = run.report()
+    report.command = "encode"
+    stage_model(loaded, output, overwrite=overwrite).commit()
+    return report
+
+
+def decode_file(source: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> int:
+    """Turn sparse initializers and sparse Constants back into plain dense tensors (bit-exact)."""
+    loaded = load_model(source)
+    count = decode_model(loaded.proto)
+    stage_model(loaded, output, overwrite=overwrite).commit()
+    return count

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import inspect_model, prune_file
+from .api import decode_file, encode_file, inspect_model, prune_file
+from .encoding import Format
 from .bench import BenchOptions, bench_models
 from .calibration import SyntheticSpec, parse_shape
 from .config import DEFAULT_MIN_NUMEL, NonFinite, PruneConfig, Scope, load_config
@@ -203,6 +204,9 @@ def inspect(model, config_path, exclude, min_numel, include_overridable, report_
 @click.option("--nonfinite", type=click.Choice([n.value for n in NonFinite]), default=None,
               help="NaN/Inf weights: error [default], or keep them unpruned.")
 @click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input model itself.")
+@click.option("--format", "fmt", type=click.Choice([f.value for f in Format]), default="dense", show_default=True,
+              help="How pruned weights are stored: dense (zeros in place), sparse (standard COO, INT64), "
+                   "sparse-int32 (smaller, not checker-valid), auto (smaller of dense and sparse per tensor).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @_weight_options
 @_calibration_options
@@ -211,7 +215,7 @@ def inspect(model, config_path, exclude, min_numel, include_overridable, report_
 @_markdown_option
 @click.option("--validate", "force_validate", is_flag=True,
               help="Validate against the input even without --calibration (synthetic inputs).")
-def prune(model, output, sparsity, scope, nonfinite, overwrite, quiet, config_path, exclude, min_numel,
+def prune(model, output, sparsity, scope, nonfinite, overwrite, fmt, quiet, config_path, exclude, min_numel,
           include_overridable, report_path, as_json, all_skipped, markdown_path, force_validate, **kw):
     """Zero the smallest-magnitude weights of MODEL and write OUTPUT.
 
@@ -227,7 +231,7 @@ def prune(model, output, sparsity, scope, nonfinite, overwrite, quiet, config_pa
     try:
         report = prune_file(model, output, sparsity, scope, config=_base_config(config_path), exclude=exclude,
                             min_numel=min_numel, nonfinite=nonfinite, include_overridable=include_overridable,
-                            overwrite=overwrite, validation=validation)
+                            overwrite=overwrite, validation=validation, format=fmt)
     except GateFailed as e:
         if e.report is not None:
             _emit(e.report, report_path, as_json, quiet, all_skipped)
@@ -278,6 +282,32 @@ def bench(models, runs, warmup, no_memory, report_path, markdown_path, as_json, 
                           options=BenchOptions(runs=runs, warmup=warmup, measure_memory=not no_memory),
                           synthetic=_synthetic(kw, default_samples=runtime.batch_size), quiet=quiet)
     _output(report, report_path, markdown_path, as_json, quiet)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("--format", "fmt", type=click.Choice([f.value for f in Format if f is not Format.DENSE]),
+              default="auto", show_default=True, help="The storage format for the (already pruned) weights.")
+@click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input model itself.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@_report_option
+@_json_option
+def encode(model, output, fmt, overwrite, quiet, report_path, as_json):
+    """Store the weights of an already-pruned MODEL sparsely in OUTPUT (nothing is pruned)."""
+    _check_dirs(report_path)
+    report = encode_file(model, output, fmt, overwrite=overwrite)
+    _emit(report, report_path, as_json, quiet, False)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input model itself.")
+def decode(model, output, overwrite):
+    """Turn sparse weights of MODEL back into plain dense initializers, bit-exact."""
+    count = decode_file(model, output, overwrite=overwrite)
+    click.echo(f"decoded {count} sparse tensor(s) into {output}")
 
 
 def run() -> None:  # console-script entry point

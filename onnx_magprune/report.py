@@ -29,6 +29,8 @@ class TensorReport:
     target_sparsity: float | None
     bounds: list[float] | None = None
     quantization: str | None = None  # e.g. "per-axis (axis 1) via DequantizeLinear"; None for float weights
+    format: str = "dense"  # how the pruned tensor is stored: dense, sparse or sparse-int32
+    stored_bytes: int | None = None  # its bytes in that format (values + indices); None for inspect
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ def _table_lines(report: PruneReport, all_skipped: bool) -> list[str]:
     pruning = report.command == "prune"
     head = ["weight", "op", "shape", "dtype", "numel", "zeros"]
     head += ["sparsity", "threshold", "selection"] if pruning else ["sparsity"]
+    encoded = pruning and any(t.format != "dense" for t in report.tensors)
+    if encoded:
+        head.append("stored as")
     head.append("where")
     rows = [head]
     for t in report.tensors:
@@ -113,6 +118,8 @@ def _table_lines(report: PruneReport, all_skipped: bool) -> list[str]:
             row += [f"{t.sparsity:.2%}", threshold, t.selection]
         else:
             row += [f"{t.sparsity:.2%}"]
+        if encoded:
+            row.append(f"{t.format} ({t.stored_bytes:,} B)")
         rows.append(row + [t.where])
     if report.tensors:
         lines += _columns(rows, right={4, 5, 6, 7} if pruning else {4, 5, 6})

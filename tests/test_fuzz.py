@@ -9,7 +9,6 @@ and never a partial output file.  Crashers found are kept in
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 

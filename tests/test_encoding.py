@@ -1,0 +1,126 @@
+"""Sparse formats: bit-exact round trips, ONNX Runtime loads them, the checker passes, auto never grows."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_magprune as mp
+from conftest import MODELS
+from onnx_magprune.cli import main
+from onnx_magprune.encoding import decode_model
+
+DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+
+
+def model_with_weights(dtype, where: str, sparsity: float):
+    """x @ W with W (16x16) as an initializer, a Constant node, or an initializer captured by an If branch."""
+    elem = DTYPES[dtype]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 16)).astype(dtype)
+    w[rng.random(w.shape) < sparsity] = 0
+    if sparsity >= 1.0:
+        w[:] = 0
+    w.reshape(-1)[3] = -0.0 if sparsity >= 1.0 else w.reshape(-1)[3]  # a negative zero must round-trip
+    x, y = helper.make_tensor_value_info("x", elem, [1, 16]), helper.make_tensor_value_info("y", elem, [1, 16])
+    inits, nodes, inputs = [], [], [x]
+    if where == "constant":
+        nodes.append(helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w, "W")))
+    else:
+        inits.append(numpy_helper.from_array(w, "W"))
+    if where == "subgraph":
+        then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [],
+                                 [helper.make_tensor_value_info("t", elem, [1, 16])])
+        other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                                  [helper.make_tensor_value_info("e", elem, [1, 16])])
+        nodes.append(helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other))
+        inputs.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+    else:
+        nodes.append(helper.make_node("MatMul", ["x", "W"], ["y"]))
+    g = helper.make_graph(nodes, "g", inputs, [y], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def run(model, dtype):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 16)).astype(dtype)}
+    if any(i.name == "c" for i in sess.get_inputs()):
+        feeds["c"] = np.array(True)
+    return sess.run(None, feeds)[0]
+
+
+def weight_bits(model):
+    decoded = onnx.ModelProto.FromString(model.SerializeToString())
+    decode_model(decoded)
+    for t in decoded.graph.initializer:
+        if t.name == "W":
+            return numpy_helper.to_array(t).tobytes()
+    node = next(n for n in decoded.graph.node if n.op_type == "Constant")
+    return numpy_helper.to_array(node.attribute[0].t).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("where", ["initializer", "constant", "subgraph"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
+def test_round_trips(dtype, where, sparsity):
+    model, w = model_with_weights(dtype, where, sparsity)
+    dense_out = run(model, dtype)
+    for fmt in ("sparse", "sparse-int32", "auto"):
+        encoded, report = mp.prune_model(model, sparsity=0.0, format=fmt, min_numel=16)
+        t = report.tensors[0]
+        assert t.stored_bytes <= w.nbytes if fmt == "auto" else True
+        assert np.array_equal(run(encoded, dtype).view(np.uint8), dense_out.view(np.uint8))  # bit-exact
+        assert weight_bits(encoded) == w.tobytes()  # decode is bit-exact, -0.0 included
+        if fmt != "sparse-int32":
+            onnx.checker.check_model(encoded, full_check=True)
+        nnz = int(np.count_nonzero(w.view(np.dtype(f"u{w.itemsize}"))))
+        expected = {"sparse": nnz * (w.itemsize + 8), "sparse-int32": nnz * (w.itemsize + 4)}
+        if t.format != "dense":
+            assert t.stored_bytes == expected[t.format]
+
+
+def test_auto_picks_the_smaller_per_tensor():
+    model, _ = model_with_weights(np.float32, "initializer", 0.5)
+    _, report = mp.prune_model(model, sparsity=0.5, format="auto", min_numel=16)
+    assert report.tensors[0].format == "dense"  # 50% float32: COO INT64 would be larger
+    _, report = mp.prune_model(model, sparsity=0.9, format="auto", min_numel=16)
+    assert report.tensors[0].format == "sparse" and report.tensors[0].stored_bytes < 16 * 16 * 4
+    assert any("densifies sparse initializers" in n for n in report.notes)
+
+
+def test_cli_prune_encode_decode_files(tmp_path):
+    dense, sparse, again, back = (tmp_path / f"{n}.onnx" for n in ("dense", "sparse", "again", "back"))
+    r = CliRunner().invoke(main, ["prune", str(MODELS / "digits_cnn.onnx"), "-o", str(dense), "--sparsity", "0.9",
+                                  "-q"])
+    assert r.exit_code == 0
+    r = CliRunner().invoke(main, ["encode", str(dense), "-o", str(sparse), "--format", "sparse", "--json"])
+    assert r.exit_code == 0, r.output
+    assert sparse.stat().st_size < dense.stat().st_size * 0.45
+    onnx.checker.check_model(str(sparse), full_check=True)
+    r = CliRunner().invoke(main, ["prune", str(MODELS / "digits_cnn.onnx"), "-o", str(again), "--sparsity", "0.9",
+                                  "--format", "sparse", "-q"])
+    assert r.exit_code == 0 and again.read_bytes() == sparse.read_bytes()
+    r = CliRunner().invoke(main, ["decode", str(sparse), "-o", str(back)])
+    assert r.exit_code == 0 and "decoded 4 sparse tensor(s)" in r.output
+    x = np.load(MODELS / "digits_cnn_calib.npz")["input"]
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for p in (dense, sparse, back)]
+    assert all(np.array_equal(o.view(np.uint32), outs[0].view(np.uint32)) for o in outs)
+    weights = {t.name: t.raw_data for t in onnx.load(str(dense)).graph.initializer}
+    assert {t.name: t.raw_data for t in onnx.load(str(back)).graph.initializer} == weights
+
+
+def test_sparse_formats_refuse_external_data_but_auto_keeps_it_dense(tmp_path):
+    from conftest import mlp
+
+    onnx.save_model(mlp((64, 128, 32)), tmp_path / "m.onnx", save_as_external_data=True, location="w.bin",
+                    size_threshold=0)
+    with pytest.raises(mp.MagpruneError, match="external data, which sparse formats do not support yet"):
+        mp.prune_file(tmp_path / "m.onnx", tmp_path / "o.onnx", sparsity=0.9, format="sparse")
+    assert not (tmp_path / "o.onnx").exists()
+    report = mp.prune_file(tmp_path / "m.onnx", tmp_path / "o.onnx", sparsity=0.9, format="auto")
+    assert {t.format for t in report.tensors} == {"dense"}
