@@ -17,7 +17,14 @@ from .config import PruneConfig, Scope
 from .discovery import find_weights
 from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
-from .model_io import LoadedModel, internalize_external_data, iter_all_tensors, load_model, stage_model
+from .model_io import (
+    LoadedModel,
+    internalize_external_data,
+    iter_all_tensors,
+    load_model,
+    stage_model,
+    stage_repacked,
+)
 from .discovery import Skipped
 from .encoding import Format, decode_model, encode_tensors, parse_format
 from .planning import apply_rules, apply_target, load_values, plan_targets, shared_external_bytes
@@ -39,6 +46,12 @@ def _config(config: PruneConfig | None, **overrides) -> PruneConfig:
         return (config or PruneConfig()).with_overrides(**overrides)
     except TypeError as e:  # an unknown keyword option
         raise ConfigError(str(e).replace("with_overrides()", "option")) from e
+
+
+def _has_external_data(loaded: LoadedModel) -> bool:
+    from .external_data import uses_external_data
+
+    return any(uses_external_data(t) for t in iter_all_tensors(loaded.proto))
 
 
 def _dense_bytes(tensor: onnx.TensorProto) -> int:
@@ -211,11 +224,15 @@ def prune_file(
     fmt = parse_format(options.pop("format", "dense"))
     loaded = load_model(source)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
-    store = TensorStore(loaded.base_dir)
-    run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=True)
+    repack = fmt is not Format.DENSE and _has_external_data(loaded)
+    if repack:  # re-encoding changes which bytes are needed: read everything, write a fresh data file
+        internalize_external_data(loaded)
+    store = TensorStore(loaded.base_dir if not repack else None)
+    run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=not repack)
     if fmt is not Format.DENSE:
         run.encode(fmt)
-    staged = stage_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite)
+    staged = (stage_repacked(loaded, output, overwrite=overwrite) if repack else
+              stage_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite))
     try:
         report = run.report()
         if validation is not None:
@@ -238,17 +255,26 @@ def encode_file(source: str | os.PathLike, output: str | os.PathLike, fmt: Forma
     fmt = parse_format(fmt)
     loaded = load_model(source)
     cfg = _config(None, sparsity=0.0, **options)
-    run = _Run(loaded, TensorStore(loaded.base_dir), cfg, DEFAULT_PARAMS, prune=True, output=str(output))
+    repack = _has_external_data(loaded)
+    if repack:
+        internalize_external_data(loaded)
+    run = _Run(loaded, TensorStore(None if repack else loaded.base_dir), cfg, DEFAULT_PARAMS, prune=True,
+               output=str(output))
     run.encode(fmt)
     report = run.report()
     report.command = "encode"
-    stage_model(loaded, output, overwrite=overwrite).commit()
+    (stage_repacked(loaded, output, overwrite=overwrite) if repack else
+     stage_model(loaded, output, overwrite=overwrite)).commit()
     return report
 
 
 def decode_file(source: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> int:
     """Turn sparse initializers and sparse Constants back into plain dense tensors (bit-exact)."""
     loaded = load_model(source)
+    repack = _has_external_data(loaded)
+    if repack:
+        internalize_external_data(loaded)
     count = decode_model(loaded.proto)
-    stage_model(loaded, output, overwrite=overwrite).commit()
+    (stage_repacked(loaded, output, overwrite=overwrite) if repack else
+     stage_model(loaded, output, overwrite=overwrite)).commit()
     return count

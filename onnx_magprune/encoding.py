@@ -145,13 +145,8 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
     for tensor in tensors:
         if tensor.data_type not in FLOAT_TYPES:
             continue  # quantized weights stay dense (their zero is the zero point, not 0)
-        if uses_external_data(tensor):
-            if fmt is Format.AUTO:  # kept dense: sparse parts of external data are not written yet
-                n = numel(tensor) * np_dtype(tensor.data_type).itemsize
-                out.append(Encoded(tensor.name, Format.DENSE.value, n, n))
-                continue
-            raise MagpruneError(f"--format {fmt.value}: tensor '{tensor.name}' is stored as external data, which "
-                                "sparse formats do not support yet; use --format dense")
+        if uses_external_data(tensor):  # pragma: no cover - callers read external data in first
+            raise MagpruneError(f"tensor '{tensor.name}' is still external: read it in before encoding")
         array = store.read(tensor)
         n, item = numel(tensor), array.dtype.itemsize
         nnz = int(_nonzero_positions(array).size)

@@ -106,6 +106,33 @@ def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield from _node_tensors(node)
 
 
+def _sparse_parts(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    def graph_parts(graph):
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            yield from node_parts(node)
+
+    def node_parts(node):
+        for attr in node.attribute:
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for sparse in attr.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
+            if attr.HasField("g"):
+                yield from graph_parts(attr.g)
+            for g in attr.graphs:
+                yield from graph_parts(g)
+
+    yield from graph_parts(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from node_parts(node)
+
+
 def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
     try:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -309,6 +336,71 @@ def stage_model(
         staged.discard()
         if isinstance(e, ValueError) and "2GB" in str(e).upper().replace(" ", ""):
             raise OutputError("the model is over 2 GiB; save it with external data") from e
+        raise OutputError(f"cannot write '{output}': {getattr(e, 'strerror', None) or e}") from e
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def stage_repacked(loaded: LoadedModel, output: str | os.PathLike, *, overwrite: bool = False,
+                   threshold: int = 1024) -> StagedModel:
+    """Stage a model whose tensors are all in memory, moving every tensor of at
+    least ``threshold`` bytes into one new data file ``<output>.data`` (a fresh
+    layout: used when re-encoding changed which bytes are needed)."""
+    output = Path(output)
+    location = f"{output.name}.data"
+    if not output.parent.resolve().is_dir():
+        raise OutputError(f"output directory '{output.parent}' does not exist")
+    if output.exists() and output.is_dir():
+        raise OutputError(f"output '{output}' is a directory")
+    inputs = {loaded.path.resolve()} if loaded.path is not None else set()
+    if loaded.base_dir is not None:
+        for t in iter_all_tensors(loaded.proto):
+            if uses_external_data(t):
+                inputs.add(resolve_location(t.name, external_info(t).get("location", ""), loaded.base_dir))
+    if not overwrite and {output.resolve(), (output.parent / location).resolve()} & inputs:
+        raise OutputError(f"refusing to overwrite the input model or its data with '{output}' "
+                          "(pass --overwrite to allow it)")
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.proto)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".staging", dir=output.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write in '{output.parent}': {e.strerror or e}") from e
+    staged = StagedModel(output, staging, [])
+    try:
+        offset = 0
+        parts = list(_sparse_parts(model))  # kept inline: onnx cannot check them external; the list keeps
+        sparse_parts = {id(t) for t in parts}  # the wrappers alive, so their ids stay unique
+        with open(staging / location, "wb") as data:
+            for t in iter_all_tensors(model):
+                if uses_external_data(t) or len(t.raw_data) < threshold or id(t) in sparse_parts:
+                    continue
+                pad = (-offset) % 64
+                data.write(b"\0" * pad)
+                offset += pad
+                data.write(t.raw_data)
+                length = len(t.raw_data)
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                    t.external_data.add(key=key, value=value)
+                offset += length
+            data.flush()
+            os.fsync(data.fileno())
+        if offset:
+            staged.files.append(location)
+        else:
+            (staging / location).unlink()
+        with open(staged.path, "wb") as f:
+            f.write(model.SerializeToString(deterministic=True))
+            f.flush()
+            os.fsync(f.fileno())
+        staged.files.append(output.name)
+    except (OSError, ValueError) as e:
+        staged.discard()
         raise OutputError(f"cannot write '{output}': {getattr(e, 'strerror', None) or e}") from e
     except BaseException:
         staged.discard()

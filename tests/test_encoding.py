@@ -114,13 +114,48 @@ def test_cli_prune_encode_decode_files(tmp_path):
     assert {t.name: t.raw_data for t in onnx.load(str(back)).graph.initializer} == weights
 
 
-def test_sparse_formats_refuse_external_data_but_auto_keeps_it_dense(tmp_path):
+def test_sparse_formats_with_external_data_write_a_fresh_data_file(tmp_path):
     from conftest import mlp
 
     onnx.save_model(mlp((64, 128, 32)), tmp_path / "m.onnx", save_as_external_data=True, location="w.bin",
                     size_threshold=0)
-    with pytest.raises(mp.MagpruneError, match="external data, which sparse formats do not support yet"):
-        mp.prune_file(tmp_path / "m.onnx", tmp_path / "o.onnx", sparsity=0.9, format="sparse")
-    assert not (tmp_path / "o.onnx").exists()
-    report = mp.prune_file(tmp_path / "m.onnx", tmp_path / "o.onnx", sparsity=0.9, format="auto")
+    before = (tmp_path / "w.bin").read_bytes()
+    (tmp_path / "out").mkdir()
+    dense_out, sparse_out = tmp_path / "out" / "d.onnx", tmp_path / "out" / "s.onnx"
+    mp.prune_file(tmp_path / "m.onnx", dense_out, sparsity=0.9)
+    report = mp.prune_file(tmp_path / "m.onnx", sparse_out, sparsity=0.9, format="sparse")
+    assert (tmp_path / "w.bin").read_bytes() == before
+    assert {t.format for t in report.tensors} == {"sparse"}
+    # the sparse weights are inline now, and what is left (biases) is under the 1 KiB external threshold
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d.onnx", "s.onnx", "w.bin"]
+    size = lambda *ps: sum(p.stat().st_size for p in ps)  # noqa: E731
+    assert size(sparse_out) < 0.4 * size(dense_out, tmp_path / "out" / "w.bin")
+    onnx.checker.check_model(str(sparse_out), full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for p in (dense_out, sparse_out))
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    back = tmp_path / "out" / "b.onnx"
+    assert CliRunner().invoke(main, ["decode", str(sparse_out), "-o", str(back)]).exit_code == 0
+    dense_w = {t.name: numpy_helper.to_array(t, base_dir=str(tmp_path / "out")).tobytes()
+               for t in onnx.load(str(dense_out)).graph.initializer}
+    back_w = {t.name: numpy_helper.to_array(t).tobytes() for t in onnx.load(str(back)).graph.initializer}
+    assert back_w == dense_w
+
+
+def test_auto_with_external_data_keeps_dense_weights_in_a_fresh_data_file(tmp_path):
+    from conftest import mlp
+
+    onnx.save_model(mlp((64, 128, 32)), tmp_path / "m.onnx", save_as_external_data=True, location="w.bin",
+                    size_threshold=0)
+    out = tmp_path / "a.onnx"
+    report = mp.prune_file(tmp_path / "m.onnx", out, sparsity=0.5, format="auto")
     assert {t.format for t in report.tensors} == {"dense"}
+    data = tmp_path / "a.onnx.data"
+    assert data.exists() and data.stat().st_size >= (64 * 128 + 128 * 32) * 4
+    onnx.checker.check_model(str(out), full_check=True)
+    x = np.ones((1, 64), np.float32)
+    ref = mp.prune_model(tmp_path / "m.onnx", sparsity=0.5)[0]
+    a = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    b = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
