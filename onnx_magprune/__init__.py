@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .api import PruneResult, inspect_model, prune_file, prune_model  # noqa: E402
+from .api import PruneResult, decode_file, encode_file, inspect_model, prune_file, prune_model  # noqa: E402
+from .encoding import Format  # noqa: E402
 from .bench import BenchOptions, bench_models  # noqa: E402
 from .calibration import CalibrationError, SyntheticSpec  # noqa: E402
 from .config import NonFinite, PruneConfig, Rule, Scope, load_config  # noqa: E402
@@ -27,6 +28,9 @@ __all__ = [
     "inspect_model",
     "prune_file",
     "prune_model",
+    "encode_file",
+    "decode_file",
+    "Format",
     "NonFinite",
     "PruneConfig",
     "Rule",
