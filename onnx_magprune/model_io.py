@@ -71,66 +71,49 @@ def _check_model_shape(proto: onnx.ModelProto, what: str) -> None:
 # walking every tensor
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
+    """``(tensor, is_part_of_a_sparse_tensor)`` for every tensor of a graph, recursively."""
+    for t in graph.initializer:
+        yield t, False
     for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
+        yield sparse.values, True
+        yield sparse.indices, True
     for node in graph.node:
         yield from _node_tensors(node)
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+def _node_tensors(node: onnx.NodeProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
     for attr in node.attribute:
         if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("sparse_tensor"):
-            yield attr.sparse_tensor.values
-            yield attr.sparse_tensor.indices
-        for sparse in attr.sparse_tensors:
-            yield sparse.values
-            yield sparse.indices
+            yield attr.t, False
+        for t in attr.tensors:
+            yield t, False
+        sparse_tensors = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors)
+        for sparse in sparse_tensors:
+            yield sparse.values, True
+            yield sparse.indices, True
         if attr.HasField("g"):
             yield from _graph_tensors(attr.g)
         for g in attr.graphs:
             yield from _graph_tensors(g)
 
 
-def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of the model: initializers, sparse parts, attributes,
-    subgraphs (recursively) and local functions."""
+def _walk(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
     yield from _graph_tensors(model.graph)
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
 
 
+def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers, sparse parts, attributes,
+    subgraphs (recursively) and local functions."""
+    return (t for t, _sparse in _walk(model))
+
+
 def _sparse_parts(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    def graph_parts(graph):
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            yield from node_parts(node)
-
-    def node_parts(node):
-        for attr in node.attribute:
-            if attr.HasField("sparse_tensor"):
-                yield attr.sparse_tensor.values
-                yield attr.sparse_tensor.indices
-            for sparse in attr.sparse_tensors:
-                yield sparse.values
-                yield sparse.indices
-            if attr.HasField("g"):
-                yield from graph_parts(attr.g)
-            for g in attr.graphs:
-                yield from graph_parts(g)
-
-    yield from graph_parts(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from node_parts(node)
+    """The values and indices of every sparse tensor of the model."""
+    return (t for t, sparse in _walk(model) if sparse)
 
 
 def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
