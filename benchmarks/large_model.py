@@ -15,7 +15,6 @@ round(S x N) zeros, and a second run byte-identical.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from prepare import sha256  # noqa: E402
 from prune_speed import build_model, machine, plan_layout  # noqa: E402
 
 CHILD = r"""
@@ -47,14 +47,6 @@ except SystemExit as e:
 wall = time.perf_counter() - t0
 print(json.dumps({"code": code, "seconds": wall, "peak_rss": rss('VmHWM:'), "rss_after_import": after_import}))
 """
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_cli(args: list[str]) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -262,6 +263,48 @@ class StagedModel:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+def _check_output(output: Path) -> None:
+    if not output.parent.resolve().is_dir():
+        raise OutputError(f"output directory '{output.parent}' does not exist")
+    if output.exists() and output.is_dir():
+        raise OutputError(f"output '{output}' is a directory")
+
+
+@contextmanager
+def _staging(output: Path) -> Iterator[StagedModel]:
+    """A fresh staging directory beside ``output``; removed, and the error made
+    an :class:`OutputError`, if anything fails while it is filled."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".staging", dir=output.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write in '{output.parent}': {e.strerror or e}") from e
+    staged = StagedModel(output, staging, [])
+    try:
+        yield staged
+    except (OSError, ValueError) as e:
+        staged.discard()
+        if isinstance(e, ValueError) and "2GB" in str(e).upper().replace(" ", ""):
+            raise OutputError("the model is over 2 GiB; save it with external data") from e
+        raise OutputError(f"cannot write '{output}': {getattr(e, 'strerror', None) or e}") from e
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def _write_model_file(staged: StagedModel, model: onnx.ModelProto) -> None:
+    """The model file, last; then ordinary permissions on every staged file
+    (mkdtemp makes a private directory; outputs are ordinary files)."""
+    with open(staged.path, "wb") as f:
+        f.write(model.SerializeToString(deterministic=True))
+        f.flush()
+        os.fsync(f.fileno())
+    staged.files.append(staged.output.name)
+    umask = os.umask(0)
+    os.umask(umask)
+    for rel in staged.files:
+        os.chmod(staged.staging / rel, 0o666 & ~umask)
+
+
 def stage_model(
     loaded: LoadedModel,
     output: str | os.PathLike,
@@ -272,10 +315,7 @@ def stage_model(
     """Write ``loaded.proto`` (and its external data, with ``external_writes``
     applied) into a staging directory next to ``output``."""
     output = Path(output)
-    if not output.parent.resolve().is_dir():
-        raise OutputError(f"output directory '{output.parent}' does not exist")
-    if output.exists() and output.is_dir():
-        raise OutputError(f"output '{output}' is a directory")
+    _check_output(output)
     in_place = loaded.path is not None and output.resolve() == loaded.path.resolve()
     if in_place and not overwrite:
         raise OutputError(f"refusing to overwrite the input model '{output}' (pass --overwrite to allow it)")
@@ -295,34 +335,12 @@ def stage_model(
         model = onnx.ModelProto()
         model.CopyFrom(loaded.proto)
         _relocate(model, loaded.base_dir, plan)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".staging", dir=output.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write in '{output.parent}': {e.strerror or e}") from e
-    staged = StagedModel(output, staging, [])
-    try:
+    with _staging(output) as staged:
         for src, location in plan.items():
-            (staging / location).parent.mkdir(parents=True, exist_ok=True)
-            _write_data_file(src, staging / location, by_source[src])
+            (staged.staging / location).parent.mkdir(parents=True, exist_ok=True)
+            _write_data_file(src, staged.staging / location, by_source[src])
             staged.files.append(location)
-        payload = model.SerializeToString(deterministic=True)
-        with open(staged.path, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        staged.files.append(output.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        for rel in staged.files:  # mkstemp/mkdtemp permissions are private; outputs are ordinary files
-            os.chmod(staging / rel, 0o666 & ~umask)
-    except (OSError, ValueError) as e:
-        staged.discard()
-        if isinstance(e, ValueError) and "2GB" in str(e).upper().replace(" ", ""):
-            raise OutputError("the model is over 2 GiB; save it with external data") from e
-        raise OutputError(f"cannot write '{output}': {getattr(e, 'strerror', None) or e}") from e
-    except BaseException:
-        staged.discard()
-        raise
+        _write_model_file(staged, model)
     return staged
 
 
@@ -333,10 +351,7 @@ def stage_repacked(loaded: LoadedModel, output: str | os.PathLike, *, overwrite:
     layout: used when re-encoding changed which bytes are needed)."""
     output = Path(output)
     location = f"{output.name}.data"
-    if not output.parent.resolve().is_dir():
-        raise OutputError(f"output directory '{output.parent}' does not exist")
-    if output.exists() and output.is_dir():
-        raise OutputError(f"output '{output}' is a directory")
+    _check_output(output)
     inputs = {loaded.path.resolve()} if loaded.path is not None else set()
     if loaded.base_dir is not None:
         for t in iter_all_tensors(loaded.proto):
@@ -347,16 +362,11 @@ def stage_repacked(loaded: LoadedModel, output: str | os.PathLike, *, overwrite:
                           "(pass --overwrite to allow it)")
     model = onnx.ModelProto()
     model.CopyFrom(loaded.proto)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".staging", dir=output.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write in '{output.parent}': {e.strerror or e}") from e
-    staged = StagedModel(output, staging, [])
-    try:
+    with _staging(output) as staged:
         offset = 0
         parts = list(_sparse_parts(model))  # kept inline: onnx cannot check them external; the list keeps
         sparse_parts = {id(t) for t in parts}  # the wrappers alive, so their ids stay unique
-        with open(staging / location, "wb") as data:
+        with open(staged.staging / location, "wb") as data:
             for t in iter_all_tensors(model):
                 if uses_external_data(t) or len(t.raw_data) < threshold or id(t) in sparse_parts:
                     continue
@@ -376,18 +386,8 @@ def stage_repacked(loaded: LoadedModel, output: str | os.PathLike, *, overwrite:
         if offset:
             staged.files.append(location)
         else:
-            (staging / location).unlink()
-        with open(staged.path, "wb") as f:
-            f.write(model.SerializeToString(deterministic=True))
-            f.flush()
-            os.fsync(f.fileno())
-        staged.files.append(output.name)
-    except (OSError, ValueError) as e:
-        staged.discard()
-        raise OutputError(f"cannot write '{output}': {getattr(e, 'strerror', None) or e}") from e
-    except BaseException:
-        staged.discard()
-        raise
+            (staged.staging / location).unlink()
+        _write_model_file(staged, model)
     return staged
 
 
