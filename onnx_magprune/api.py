@@ -8,6 +8,7 @@ zero in place (selection) -> save atomically (model_io) -> report.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import NamedTuple, Sequence
 
 import onnx
@@ -26,7 +27,10 @@ from .model_io import (
     stage_repacked,
 )
 from .discovery import Skipped
+from .calibrated import run_calibrated
+from .calibration import open_calibration, split_holdout
 from .encoding import Format, decode_model, encode_tensors, parse_format
+from .methods import MethodOptions
 from .planning import apply_rules, apply_target, load_values, plan_targets, shared_external_bytes
 from .report import PruneReport, SkippedReport, TensorReport, Totals
 from .selection import DEFAULT_PARAMS, ApplyStats, SelectionParams, count_zeros
@@ -34,6 +38,11 @@ from .tensor_data import TensorStore, dtype_name, numel
 from .validate import ValidationRequest
 
 ModelSource = str | os.PathLike | onnx.ModelProto
+
+
+class _Counted(NamedTuple):
+    threshold: float | None
+    pruned: int
 
 
 class PruneResult(NamedTuple):
@@ -70,8 +79,12 @@ class _Run:
     output is written)."""
 
     def __init__(self, loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: SelectionParams,
-                 *, prune: bool, output: str | None, stream: bool = False):
+                 *, prune: bool, output: str | None, stream: bool = False,
+                 method: MethodOptions | None = None, statistics=None):
         self.loaded, self.cfg, self.prune, self.output = loaded, cfg, prune, output
+        self.method = method if method is not None and not method.is_plain(cfg.scope is Scope.OUTPUT) else None
+        self.outcomes = None
+        self.method_info = None
         found = find_weights(GraphIndex(loaded.proto), min_numel=cfg.min_numel,
                              include_overridable=cfg.include_overridable)
         targets, skipped = apply_rules(found, cfg)
@@ -81,13 +94,22 @@ class _Run:
             skipped.append(Skipped(t.weight.name, t.weight.value.where(),
                                    f"shares its external data bytes with '{other}', which is not pruned",
                                    dtype_name(tensor.data_type), tuple(tensor.dims)))
-        if prune and cfg.sparsity is None and any(t.selection != "fixed" for t in targets):
+        pattern = self.method is not None and self.method.pattern is not None
+        if prune and cfg.sparsity is None and not pattern and any(t.selection != "fixed" for t in targets):
             raise ConfigError("no sparsity given: pass --sparsity (or sparsity= in Python, or in the config file)")
-        self.targets, self.values, unfit = load_values(targets, store, stream=stream or not prune)
+        self.targets, self.values, unfit = load_values(
+            targets, store, stream=(stream and self.method is None) or not prune)
         self.skipped = skipped + unfit
         self.stats: list[ApplyStats | None] = [None] * len(self.targets)
         self.plans = None
-        if prune:
+        if prune and self.method is not None:
+            done = run_calibrated(loaded.proto, self.targets, self.values, cfg, self.method, statistics, store)
+            self.targets, self.values, self.stats = done.targets, done.values, list(done.stats)
+            self.skipped += done.skipped
+            self.outcomes = done.outcomes
+            self.method_info = done.info
+            self.plans = [_Counted(None, o.pruned) for o in done.outcomes]
+        elif prune:
             self.plans = plan_targets(self.targets, [tv.source for tv in self.values], cfg, params)
             for i, (t, tv) in enumerate(zip(self.targets, self.values)):
                 apply_target(t, tv, self.plans[i], store, params, lambda st, i=i: self._done(i, st))
@@ -125,6 +147,7 @@ class _Run:
                 format=encoded[t.weight.name].format if t.weight.name in encoded else "dense",
                 stored_bytes=(encoded[t.weight.name].encoded_bytes if t.weight.name in encoded
                               else _dense_bytes(tensor)) if self.prune else None,
+                method=self.outcomes[i].to_dict() if self.outcomes is not None else None,
             ))
         if encoded and any(e.format != "dense" for e in encoded.values()):
             note = ("sparse formats cut file and download size only: ONNX Runtime densifies sparse "
@@ -135,6 +158,9 @@ class _Run:
                          sum(p.pruned for p in self.plans) if self.prune else None)
         if note:
             report.notes = [note if n.startswith("zeros are stored densely") else n for n in report.notes]
+        if self.method is not None:
+            report.method = {**self.method.to_dict(), **(self.method_info or {})}
+            report.notes += list((self.method_info or {}).get("warnings", []))
         return report
 
 
@@ -161,6 +187,24 @@ def _assemble(loaded: LoadedModel, cfg: PruneConfig, rows: list[TensorReport], s
     )
 
 
+def _statistics(loaded: LoadedModel, method: MethodOptions | None, validation: ValidationRequest | None):
+    """The calibration samples for statistics and the validation request, moved to the held-out samples."""
+    if method is None or not method.needs_calibration:
+        return None, validation, None
+    labels = validation.labels if validation is not None and validation.calibration is method.calibration else None
+    calib = open_calibration(method.calibration, loaded.proto, labels=labels, max_samples=method.max_samples)
+    fit, held = split_holdout(calib, method.holdout)
+    where = {"statistics": fit.description, "statistics_samples": fit.samples,
+             "holdout_samples": held.samples if held is not None else 0}
+    if validation is not None:
+        if held is not None:
+            validation = replace(validation, calibration=held, labels=None, max_samples=None)
+            where["validated_on"] = held.description
+        else:
+            where["validated_on"] = "the statistics samples themselves (holdout 0: optimistic)"
+    return fit, validation, where
+
+
 def inspect_model(
     model: ModelSource,
     *,
@@ -182,6 +226,7 @@ def prune_model(
     *,
     config: PruneConfig | None = None,
     params: SelectionParams = DEFAULT_PARAMS,
+    method: MethodOptions | None = None,
     **options,
 ) -> PruneResult:
     """Prune a model in memory.  Returns ``(model, report)``; the input object
@@ -196,10 +241,14 @@ def prune_model(
     loaded = load_model(model)
     internalize_external_data(loaded)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
-    run = _Run(loaded, TensorStore(None), cfg, params, prune=True, output=None)
+    fit, _, where = _statistics(loaded, method, None)
+    run = _Run(loaded, TensorStore(None), cfg, params, prune=True, output=None, method=method, statistics=fit)
     if fmt is not Format.DENSE:
         run.encode(fmt)
-    return PruneResult(loaded.proto, run.report())
+    report = run.report()
+    if report.method is not None and where:
+        report.method.update(where)
+    return PruneResult(loaded.proto, report)
 
 
 def prune_file(
@@ -212,6 +261,7 @@ def prune_file(
     overwrite: bool = False,
     params: SelectionParams = DEFAULT_PARAMS,
     validation: ValidationRequest | None = None,
+    method: MethodOptions | None = None,
     **options,
 ) -> PruneReport:
     """Prune the model file ``source`` into ``output``, atomically.  External
@@ -225,16 +275,23 @@ def prune_file(
     loaded = load_model(source)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
     repack = fmt is not Format.DENSE and _has_external_data(loaded)
+    fit, validation, where = _statistics(loaded, method, validation)
+    if fit is not None and _has_external_data(loaded):  # the statistics model runs from memory
+        internalize_external_data(loaded)
+        repack = True
     if repack:  # re-encoding changes which bytes are needed: read everything, write a fresh data file
         internalize_external_data(loaded)
     store = TensorStore(loaded.base_dir if not repack else None)
-    run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=not repack)
+    run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=not repack, method=method,
+               statistics=fit)
     if fmt is not Format.DENSE:
         run.encode(fmt)
     staged = (stage_repacked(loaded, output, overwrite=overwrite) if repack else
               stage_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite))
     try:
         report = run.report()
+        if report.method is not None and where:
+            report.method.update(where)
         if validation is not None:
             report.validation = validation.run(source, staged.path)
             report.validation.pruned = str(output)

@@ -406,3 +406,43 @@ def open_calibration(source: Any, model: onnx.ModelProto, *, labels: str | Path 
 def samples_in(batch: Batch) -> int:
     first = next(iter(batch.feeds.values()))
     return int(first.shape[0]) if first.ndim else 1
+
+
+def split_holdout(calib: CalibrationSet, fraction: float) -> tuple[CalibrationSet, CalibrationSet | None]:
+    """``(fit, held_out)``: the first samples for statistics, the last ``fraction`` of them
+    (rounded half up, at least one when ``fraction > 0``) kept apart for validation.  Sources
+    whose items are whole batches (Python feeds, ONNX test data) are split by item."""
+    whole = calib.fixed_batches
+    size_of = (lambda _b: 1) if whole else samples_in
+    n = calib.samples
+    if n is None:
+        n = sum(size_of(b) for b in calib.batches(64))
+    held = min(n - 1, max(1, math.floor(fraction * n + 0.5))) if fraction > 0 else 0
+    if n - held < 1:
+        raise CalibrationError(f"{calib.description}: {n} sample(s) cannot be split into statistics and a holdout")
+    unit = "batches" if whole else "samples"
+
+    def part(lo: int, hi: int, what: str) -> CalibrationSet:
+        def make(batch_size: int) -> Iterator[Batch]:
+            offset = 0
+            for batch in calib.batches(batch_size):
+                size = size_of(batch)
+                a, b = max(lo, offset), min(hi, offset + size)
+                if a < b:
+                    if whole:
+                        yield batch
+                    else:
+                        sl = slice(a - offset, b - offset)
+                        yield Batch({k: v[sl] for k, v in batch.feeds.items()},
+                                    None if batch.labels is None else batch.labels[sl])
+                offset += size
+                if offset >= hi:
+                    break
+
+        return CalibrationSet(description=f"{calib.description} ({what}: {unit} {lo}..{hi - 1} of {n})",
+                              synthetic=calib.synthetic, _make=make, has_labels=calib.has_labels,
+                              samples=hi - lo, notes=list(calib.notes), fixed_batches=whole)
+
+    if held == 0:
+        return calib, None
+    return part(0, n - held, "statistics"), part(n - held, n, "holdout")

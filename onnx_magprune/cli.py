@@ -19,6 +19,7 @@ from .bench import BenchOptions, bench_models
 from .calibration import SyntheticSpec, parse_shape
 from .config import DEFAULT_MIN_NUMEL, NonFinite, PruneConfig, Scope, load_config
 from .errors import GateFailed, MagpruneError, OutputError
+from .methods import Method, MethodOptions, Schedule
 from .model_io import write_text_atomic
 from .report import PruneReport
 from .validate import RuntimeOptions, ValidationRequest, validate_models
@@ -127,6 +128,27 @@ _runtime_options = _compose(
     click.option("--batch-size", type=click.IntRange(min=1), default=None,
                  help="Samples per run [default: validate 32, bench 1]."),
 )
+_method_options = _compose(
+    click.option("--method", type=click.Choice([m.value for m in Method]), default="magnitude", show_default=True,
+                 help="Criterion: magnitude |w|; wanda |w|*||x|| and obs (SparseGPT-style reconstruction) read "
+                      "layer statistics from --calibration."),
+    click.option("--pattern", default=None, metavar="N:M",
+                 help="Keep N of every M consecutive weights along each layer's reduction axis (e.g. 2:4)."),
+    click.option("--refit/--no-refit", default=None,
+                 help="Re-fit the kept weights by OBS reconstruction on the calibration data [default: obs only]."),
+    click.option("--sequential/--one-shot", default=True, show_default=True,
+                 help="Collect each layer's statistics after the layers before it were pruned, or all at once."),
+    click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Reach the sparsity in T steps, re-collecting statistics and re-fitting in between."),
+    click.option("--schedule", type=click.Choice([s.value for s in Schedule]), default="cubic", show_default=True,
+                 help="Sparsity after each step: cubic (Zhu & Gupta), linear or constant."),
+    click.option("--damp", type=click.FloatRange(min=0.0), default=0.01, show_default=True,
+                 help="OBS dampening, relative to the mean diagonal of X^T X."),
+    click.option("--block-size", type=click.IntRange(min=1), default=128, show_default=True,
+                 help="OBS columns per lazy-update block."),
+    click.option("--holdout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
+                 help="Fraction of --calibration kept out of the statistics; validation runs on it."),
+)
 _gate_options = _compose(
     click.option("--max-rel-l2", type=float, default=None, help="Gate: relative L2 error of every output <= X."),
     click.option("--min-cosine", type=float, default=None, help="Gate: cosine similarity of every output >= X."),
@@ -200,7 +222,8 @@ def inspect(model, config_path, exclude, min_numel, include_overridable, report_
 @click.option("--sparsity", type=click.FloatRange(0.0, 1.0), default=None,
               help="Fraction of the prunable weights to zero (exactly round(S x N)).")
 @click.option("--scope", type=click.Choice([s.value for s in Scope]), default=None,
-              help="global: one threshold across all weights [default]; local: each tensor alone.")
+              help="global: one threshold across all weights [default]; local: each tensor alone; "
+                   "output: each output unit of each layer alone.")
 @click.option("--nonfinite", type=click.Choice([n.value for n in NonFinite]), default=None,
               help="NaN/Inf weights: error [default], or keep them unpruned.")
 @click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input model itself.")
@@ -213,6 +236,7 @@ def inspect(model, config_path, exclude, min_numel, include_overridable, report_
 @_runtime_options
 @_gate_options
 @_markdown_option
+@_method_options
 @click.option("--validate", "force_validate", is_flag=True,
               help="Validate against the input even without --calibration (synthetic inputs).")
 def prune(model, output, sparsity, scope, nonfinite, overwrite, fmt, quiet, config_path, exclude, min_numel,
@@ -228,10 +252,14 @@ def prune(model, output, sparsity, scope, nonfinite, overwrite, fmt, quiet, conf
         validation = ValidationRequest(calibration=kw["calibration"], labels=kw["labels"], gates=gates,
                                        runtime=_runtime(kw), synthetic=_synthetic(kw), max_samples=kw["max_samples"],
                                        label_output=kw["label_output"], quiet=quiet)
+    method = MethodOptions(method=kw["method"], calibration=kw["calibration"], holdout=kw["holdout"],
+                           pattern=kw["pattern"], refit=kw["refit"], sequential=kw["sequential"], steps=kw["steps"],
+                           schedule=kw["schedule"], damp=kw["damp"], block_size=kw["block_size"],
+                           threads=kw["threads"], max_samples=kw["max_samples"], quiet=quiet)
     try:
         report = prune_file(model, output, sparsity, scope, config=_base_config(config_path), exclude=exclude,
                             min_numel=min_numel, nonfinite=nonfinite, include_overridable=include_overridable,
-                            overwrite=overwrite, validation=validation, format=fmt)
+                            overwrite=overwrite, validation=validation, format=fmt, method=method)
     except GateFailed as e:
         if e.report is not None:
             _emit(e.report, report_path, as_json, quiet, all_skipped)

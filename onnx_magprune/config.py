@@ -3,7 +3,8 @@
 A config file sets the same options as the command line plus ordered rules::
 
     sparsity = 0.8            # fraction of weights to zero, in [0, 1]
-    scope = "global"          # "global": one threshold for all; "local": each tensor alone
+    scope = "global"          # "global": one threshold for all; "local": each tensor alone;
+                              # "output": each output unit of each layer alone
     min_numel = 128           # tensors with fewer elements are skipped
     nonfinite = "error"       # "error" or "keep" (NaN/Inf are never pruned, not counted)
     include_overridable = false  # also prune initializers listed as graph inputs
@@ -37,6 +38,7 @@ from .errors import ConfigError
 class Scope(str, enum.Enum):
     GLOBAL = "global"
     LOCAL = "local"
+    OUTPUT = "output"  # each output unit (row of the layer's matrix) alone; needs layer structure
 
 
 class NonFinite(str, enum.Enum):

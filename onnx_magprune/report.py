@@ -31,6 +31,7 @@ class TensorReport:
     quantization: str | None = None  # e.g. "per-axis (axis 1) via DequantizeLinear"; None for float weights
     format: str = "dense"  # how the pruned tensor is stored: dense, sparse or sparse-int32
     stored_bytes: int | None = None  # its bytes in that format (values + indices); None for inspect
+    method: dict | None = None  # criterion details (wanda/obs/N:M/output scope): see README
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class PruneReport:
     totals: Totals
     notes: list[str] = field(default_factory=list)
     validation: Any = None  # a ValidationReport when prune ran with calibration data
+    method: dict | None = None  # the criterion's options and run (None for plain magnitude)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +79,7 @@ class PruneReport:
             "skipped": [asdict(s) for s in self.skipped],
             "totals": asdict(self.totals),
             "notes": list(self.notes),
+            "method": self.method,
             "validation": self.validation.to_dict() if self.validation is not None else None,
         }
 

@@ -56,7 +56,7 @@ def test_first_matching_rule_wins_and_cli_excludes_come_first():
 @pytest.mark.parametrize("raw,message", [
     ({"sparsity": 2}, "sparsity must be in [0, 1], got 2.0"),
     ({"sparsity": "high"}, "sparsity must be a number in [0, 1], got 'high'"),
-    ({"scope": "sideways"}, "scope must be one of 'global', 'local', got 'sideways'"),
+    ({"scope": "sideways"}, "scope must be one of 'global', 'local', 'output', got 'sideways'"),
     ({"speed": 1}, "unknown key(s) speed"),
     ({"rules": [{"name": "x", "amount": 0.5}]}, "rules[0]: unknown key(s) amount"),
     ({"rules": [{"name": "x", "exclude": True, "sparsity": 0.5}]}, "an excluding rule cannot also set a sparsity"),

@@ -1,0 +1,279 @@
+"""Per-layer input statistics from calibration data, with one ONNX Runtime session.
+
+The statistics model is the input model with every calibrated weight turned
+into a graph input (so the same session runs the dense model, the partly
+pruned model of a sequential pass, and every step of a schedule: the current
+weights are simply fed) and with each layer's input activation exposed as an
+extra graph output.  Batches are reduced on the fly to
+
+* ``col_sq``: the sum of squares of each input feature (wanda's ``||X_j||^2``),
+* ``hessian``: the sum ``X^T X`` (OBS), in float64,
+
+so memory is bounded by one batch plus the statistics, never by the size of
+the calibration set.  Layers that read the same tensor the same way (attention
+Q/K/V) share one set of statistics.
+
+Padding: when the model has an integer input whose name ends in
+``attention_mask`` and an activation's leading shape equals that mask's
+shape, rows whose mask is 0 are left out (padding tokens are not data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+
+from .calibration import CalibrationSet, effective_batch, model_inputs
+from .layer_view import LinearView
+from .progress import Progress
+from .runtime import RuntimeFailure, _first_line
+
+
+@dataclass
+class LayerStats:
+    rows: int
+    col_sq: np.ndarray
+    hessian: np.ndarray | None = None
+    masked_rows: int = 0  # padding rows left out
+
+
+@dataclass
+class StatsRequest:
+    """What to collect for one group of layers."""
+
+    views: Mapping[str, LinearView]  # weight name -> view
+    hessian: bool
+
+
+def stats_key(view: LinearView) -> tuple:
+    return (view.input_name, view.layout, view.trans_a, view.conv)
+
+
+@dataclass
+class _Acc:
+    view: LinearView
+    hessian: bool
+    rows: int = 0
+    masked: int = 0
+    col_sq: np.ndarray | None = None
+    h: np.ndarray | None = None
+
+    def _rows(self, x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+        rows = self.view.rows(x)
+        if keep is not None:
+            rows = rows[keep]
+        rows = np.asarray(rows, dtype=np.float64)
+        if not np.isfinite(rows).all():
+            raise RuntimeFailure(f"the input of the layers reading '{self.view.input_name}' holds NaN/Inf "
+                                 "on the calibration data")
+        return rows
+
+    def add(self, x: np.ndarray, row_mask: np.ndarray | None) -> None:
+        keep = None
+        if row_mask is not None:
+            keep = row_mask.reshape(-1) != 0
+            self.masked += int(keep.size - np.count_nonzero(keep))
+        rows = self._rows(x, keep)
+        self.rows += rows.shape[0]
+        sq = np.einsum("ij,ij->j", rows, rows)
+        self.col_sq = sq if self.col_sq is None else self.col_sq + sq
+        if self.hessian:
+            h = rows.T @ rows
+            self.h = h if self.h is None else self.h + h
+
+    def result(self, width: int) -> LayerStats:
+        col_sq = self.col_sq if self.col_sq is not None else np.zeros(width)
+        h = self.h if self.h is not None or not self.hessian else np.zeros((width, width))
+        return LayerStats(self.rows, col_sq, h, self.masked)
+
+
+@dataclass
+class StatsModel:
+    """The statistics model and its one session (``sessions_created`` counts them, for tests)."""
+
+    model: onnx.ModelProto
+    weights: dict[str, np.ndarray]  # fed weights, stored layout and dtype
+    views: dict[str, LinearView]
+    calibration: CalibrationSet
+    batch_size: int = 8
+    threads: int | None = None
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    sessions_created: int = 0
+    _session: object = field(default=None, repr=False)
+    _mask_input: str | None = None
+
+    def __post_init__(self):
+        self.proto = _stats_proto(self.model, list(self.weights), self.views.values())
+        specs = model_inputs(self.model)
+        self.batch_size = effective_batch(self.batch_size, specs)
+        self._mask_input = next((s.name for s in specs if s.name.endswith("attention_mask")
+                                 and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)), None)
+
+    @property
+    def mask_input(self) -> str | None:
+        return self._mask_input
+
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # numpy runs between batches
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+            try:
+                self._session = ort.InferenceSession(self.proto.SerializeToString(), sess_options=so,
+                                                     providers=list(self.providers))
+            except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+                raise RuntimeFailure(f"onnxruntime cannot load the statistics model: {_first_line(e)}") from e
+            self.sessions_created += 1
+        return self._session
+
+    @staticmethod
+    def _run(sess, fetch: list[str], feeds: dict, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outs = dict(zip(fetch, sess.run(fetch, feeds))) if fetch else {}
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeFailure(f"onnxruntime failed to run the statistics model: {_first_line(e)}") from e
+        outs.update(inputs)  # layers reading a graph input directly
+        return outs
+
+    def set_weight(self, name: str, stored: np.ndarray) -> None:
+        self.weights[name] = np.ascontiguousarray(stored)
+
+    def collect(self, request: StatsRequest, *, label: str = "statistics", quiet: bool = True) -> dict[str, LayerStats]:
+        """Statistics for each weight of ``request`` (weights sharing an input share the object)."""
+        accs: dict[tuple, _Acc] = {}
+        for view in request.views.values():
+            accs.setdefault(stats_key(view), _Acc(view, request.hessian))
+        inputs = {s.name for s in model_inputs(self.model)}
+        fetch = sorted({k[0] for k in accs if k[0] not in inputs})
+        sess = self.session()
+        total = self.calibration.count_batches(self.batch_size)
+        with Progress(label, total, enabled=False if quiet else None) as bar:
+            for batch in self.calibration.batches(self.batch_size):
+                feeds = dict(batch.feeds)
+                feeds.update(self.weights)
+                outs = self._run(sess, fetch, feeds, batch.feeds)
+                mask = batch.feeds.get(self._mask_input) if self._mask_input else None
+                for key, acc in accs.items():
+                    x = outs[key[0]]
+                    lead = acc.view.leading_shape(x)
+                    acc.add(x, mask if mask is not None and lead == tuple(mask.shape) else None)
+                bar.update()
+        result: dict[str, LayerStats] = {}
+        done: dict[tuple, LayerStats] = {}
+        for name, view in request.views.items():
+            key = stats_key(view)
+            if key not in done:
+                width = view.to_matrix(self.weights[name]).shape[1]
+                done[key] = accs[key].result(width)
+            result[name] = done[key]
+        return result
+
+
+def _stats_proto(model: onnx.ModelProto, fed: Iterable[str], views: Iterable[LinearView]) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``fed`` weights are graph inputs and whose layer inputs are graph outputs."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    graph = proto.graph
+    fed = set(fed)
+    declared = {i.name for i in graph.input}
+    keep = []
+    for t in graph.initializer:
+        if t.name in fed:
+            if t.name not in declared:
+                graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] in fed:
+            t = next(a.t for a in node.attribute if a.name == "value")
+            graph.input.append(onnx.helper.make_tensor_value_info(node.output[0], t.data_type, list(t.dims)))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input}
+    for view in views:
+        name = view.input_name
+        if name not in outputs and name not in inputs:
+            graph.output.append(onnx.ValueInfoProto(name=name))
+            outputs.add(name)
+    return proto
+
+
+def topological_stages(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> list[list[str]]:
+    """Groups of weights for a sequential pass: a layer comes after every
+    calibrated layer its input depends on (through the top-level graph, with
+    subgraph captures counted), and layers of one stage are independent."""
+    deps: dict[str, set[str]] = {name: {name} for name in views}
+    graph = model.graph
+    for node in _topo_order(graph):
+        reads = set(node.input) | _captured(node)
+        acc: set[str] = set()
+        for r in reads:
+            acc |= deps.get(r, set())
+        for out in node.output:
+            if out and out not in views:  # a Constant-node weight depends on itself only
+                deps[out] = acc
+    stage: dict[str, int] = {}
+    order = sorted(views, key=lambda n: len(deps.get(views[n].input_name, set())))
+    pending = list(order)
+    while pending:
+        progressed = False
+        for name in list(pending):
+            ups = deps.get(views[name].input_name, set()) - {name}
+            ups &= set(views)
+            if all(u in stage for u in ups):
+                stage[name] = 1 + max((stage[u] for u in ups), default=-1)
+                pending.remove(name)
+                progressed = True
+        if not progressed:  # a cycle cannot happen in a valid graph; keep the rest together
+            for name in pending:
+                stage[name] = max(stage.values(), default=-1) + 1
+            break
+    n = max(stage.values(), default=-1) + 1
+    return [[name for name in views if stage[name] == s] for s in range(n)]
+
+
+def _captured(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for n in g.node:
+                names |= set(n.input) | _captured(n)
+    return names
+
+
+def _topo_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    produced = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    state: dict[int, int] = {}
+    order: list[onnx.NodeProto] = []
+    for start in range(len(graph.node)):
+        stack = [(start, False)]
+        while stack:
+            i, expanded = stack.pop()
+            if expanded:
+                if state.get(i) != 2:
+                    state[i] = 2
+                    order.append(graph.node[i])
+                continue
+            if state.get(i):
+                continue
+            state[i] = 1
+            stack.append((i, True))
+            node = graph.node[i]
+            for name in list(node.input) + sorted(_captured(node)):
+                j = produced.get(name)
+                if j is not None and not state.get(j):
+                    stack.append((j, False))
+    return order

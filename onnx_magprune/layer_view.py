@@ -1,0 +1,168 @@
+"""A weight seen as the matrix of a linear layer, ``[out, in]``, with its input activations.
+
+Calibration-aware criteria (wanda, OBS reconstruction) and N:M patterns need
+to know, for each stored weight, which entries multiply which input feature
+and which entries add into the same output unit.  :func:`linear_view` answers
+that for the layouts exporters produce, or returns *why* it cannot (the
+caller falls back to plain magnitude for that tensor and reports the reason):
+
+========================  ==================  =========================================
+op and slot               stored layout       matrix ``[out, in]``
+========================  ==================  =========================================
+MatMul B (``x @ W``)      ``[K, N]``          ``W.T``; rows of x are ``x.reshape(-1, K)``
+MatMul A (``W @ x``)      ``[M, K]``          ``W``; rows are x's columns
+Gemm B, transB=0 / 1      ``[K, N]`` / ``[N, K]``  ``W.T`` / ``W``; rows are A (or A.T)
+Conv W, group=1           ``[O, I, *k]``      ``W`` moved to ``[O, *k, I]`` and flattened,
+                                              so the input channel is the fastest axis
+========================  ==================  =========================================
+
+The reduction ("in") axis of the matrix is therefore the axis N:M groups run
+along, and the rows of :meth:`LinearView.rows` line up with its columns.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .discovery import Weight
+from .graph_index import GraphIndex
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # begins then ends, as ONNX
+    auto_pad: str
+
+
+@dataclass(frozen=True)
+class LinearView:
+    """How one stored weight maps to ``[out, in]`` and where its input comes from."""
+
+    op: str
+    layout: str  # "matmul_b", "matmul_a", "gemm_b", "gemm_bt", "conv"
+    input_name: str  # the activation tensor that multiplies the weight
+    node: onnx.NodeProto
+    trans_a: bool = False
+    conv: ConvGeometry | None = None
+
+    def to_matrix(self, stored: np.ndarray) -> np.ndarray:
+        if self.layout in ("matmul_b", "gemm_b"):
+            return stored.T
+        if self.layout == "conv":
+            moved = np.moveaxis(stored, 1, -1)
+            return moved.reshape(stored.shape[0], -1)
+        return stored
+
+    def from_matrix(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.layout in ("matmul_b", "gemm_b"):
+            return np.ascontiguousarray(matrix.T)
+        if self.layout == "conv":
+            moved_shape = (shape[0], *shape[2:], shape[1])
+            return np.ascontiguousarray(np.moveaxis(matrix.reshape(moved_shape), -1, 1))
+        return np.ascontiguousarray(matrix)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """The activation ``x`` (one batch of the op's input) as rows ``[n, in]``."""
+        if self.layout == "matmul_b":
+            return x.reshape(-1, x.shape[-1])
+        if self.layout == "matmul_a":
+            return np.swapaxes(x, -1, -2).reshape(-1, x.shape[-2])
+        if self.layout in ("gemm_b", "gemm_bt"):
+            return x.T if self.trans_a else x
+        return _im2col(x, self.conv)
+
+    def leading_shape(self, x: np.ndarray) -> tuple[int, ...] | None:
+        """For MatMul B, the shape the rows come from (e.g. ``[batch, tokens]``), to drop padding rows."""
+        return tuple(x.shape[:-1]) if self.layout == "matmul_b" else None
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> tuple[LinearView | None, str | None]:
+    """The weight's :class:`LinearView`, or ``(None, why not)``."""
+    tensor = weight.tensor
+    if len(weight.uses) != 1:
+        return None, f"it feeds {len(weight.uses)} ops (a shared weight has no single layer input)"
+    use = weight.uses[0]
+    node = use.node
+    if use.graph != top_graph or weight.value.graph != top_graph:
+        return None, "it is used inside a subgraph or function"
+    direct = node.input[use.slot] == weight.name
+    if not direct and weight.quant is not None:
+        producer = index.input_value(node, use.slot)
+        direct = (producer is not None and producer.node is not None and producer.node.op_type == "DequantizeLinear"
+                  and producer.node.input[0] == weight.name)
+    if not direct:
+        return None, "it reaches its op through layout ops (Transpose, Reshape, ...)"
+    dims = tuple(tensor.dims)
+    domain, op = use.op
+    if domain != "":
+        return None, f"op {domain}.{op} is not supported by calibrated criteria"
+    other = node.input[1 - use.slot] if op in ("MatMul", "Gemm") else node.input[0]
+    if op == "MatMul":
+        if len(dims) != 2:
+            return None, f"a {len(dims)}-D MatMul weight (batched) is not supported by calibrated criteria"
+        return LinearView(op, "matmul_b" if use.slot == 1 else "matmul_a", other, node), None
+    if op == "Gemm":
+        if use.slot != 1:
+            return None, "a Gemm weight in slot A is not supported by calibrated criteria"
+        layout = "gemm_bt" if _attr(node, "transB", 0) else "gemm_b"
+        return LinearView(op, layout, other, node, trans_a=bool(_attr(node, "transA", 0))), None
+    if op == "Conv":
+        if _attr(node, "group", 1) != 1:
+            return None, "grouped convolution is not supported by calibrated criteria"
+        spatial = len(dims) - 2
+        kernel = tuple(dims[2:])
+        geometry = ConvGeometry(
+            kernel=kernel,
+            strides=tuple(_attr(node, "strides", [1] * spatial)),
+            dilations=tuple(_attr(node, "dilations", [1] * spatial)),
+            pads=tuple(_attr(node, "pads", [0] * (2 * spatial))),
+            auto_pad=_attr(node, "auto_pad", b"NOTSET").decode() if isinstance(
+                _attr(node, "auto_pad", b"NOTSET"), bytes) else str(_attr(node, "auto_pad", "NOTSET")),
+        )
+        return LinearView(op, "conv", other, node, conv=geometry), None
+    return None, f"op {op} is not supported by calibrated criteria"
+
+
+def _conv_pads(g: ConvGeometry, spatial_in: tuple[int, ...]) -> list[tuple[int, int]]:
+    n = len(g.kernel)
+    if g.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for size, k, s, d in zip(spatial_in, g.kernel, g.strides, g.dilations):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads.append((small, big) if g.auto_pad == "SAME_UPPER" else (big, small))
+        return pads
+    if g.auto_pad == "VALID":
+        return [(0, 0)] * n
+    return [(g.pads[i], g.pads[i + n]) for i in range(n)]
+
+
+def _im2col(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    """Rows ``[batch * out_positions, prod(kernel) * channels]``, channel fastest."""
+    batch, channels = x.shape[:2]
+    pads = _conv_pads(g, tuple(x.shape[2:]))
+    xp = np.pad(x, [(0, 0), (0, 0), *pads])
+    out = [(xp.shape[2 + i] - ((k - 1) * d + 1)) // s + 1
+           for i, (k, s, d) in enumerate(zip(g.kernel, g.strides, g.dilations))]
+    patches = []
+    for offset in itertools.product(*(range(k) for k in g.kernel)):
+        sl = tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offset, g.dilations, g.strides, out))
+        patches.append(xp[(slice(None), slice(None), *sl)])  # [B, C, *out]
+    stacked = np.stack(patches, axis=-1)  # [B, C, *out, K]
+    moved = np.moveaxis(stacked, 1, -1)  # [B, *out, K, C]
+    return moved.reshape(batch * int(np.prod(out)), len(patches) * channels)

@@ -1,0 +1,207 @@
+"""Calibration-aware pruning end to end: wanda, obs, refit, schedules, scopes, holdout, one session."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import MODELS, make_model, mlp, run_ort, tensor_by_name, vi
+from onnx_magprune.api import prune_file, prune_model
+from onnx_magprune.calibration import open_calibration, split_holdout
+from onnx_magprune.cli import main
+from onnx_magprune.config import PruneConfig, Rule
+from onnx_magprune.errors import ConfigError
+from onnx_magprune.layer_stats import topological_stages
+from onnx_magprune.layer_view import linear_view
+from onnx_magprune.discovery import find_weights
+from onnx_magprune.graph_index import GraphIndex
+from onnx_magprune.methods import MethodOptions, Schedule
+
+
+def _feeds(n=120, width=32, seed=0, batch=20):
+    rng = np.random.default_rng(seed)
+    # correlated inputs with one loud feature, as real activations are
+    base = rng.standard_normal((n, width)).astype(np.float32)
+    mix = rng.standard_normal((width, width)).astype(np.float32) * 0.3 + np.eye(width, dtype=np.float32)
+    x = base @ mix
+    x[:, 0] *= 20
+    return x, [{"x": x[i:i + batch]} for i in range(0, n, batch)]
+
+
+def _err(model, pruned, x):
+    a, b = run_ort(model, {"x": x})[0], run_ort(pruned, {"x": x})[0]
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def test_wanda_keeps_small_weights_on_loud_inputs():
+    # y = x @ W with W [2, 4]: feature 0 is loud (x100) with small weights, feature 1 quiet with larger ones
+    W = np.array([[0.1, 0.2, -0.1, 0.3], [1.0, -2.0, 1.5, -1.2]], np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", ["N", 2])], [vi("y", ["N", 4])],
+                       [numpy_helper.from_array(W, "W")])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 2)).astype(np.float32) * np.array([100.0, 1.0], np.float32)
+    feeds = [{"x": x}]
+    mag, _ = prune_model(model, 0.5, "local", min_numel=1)
+    wanda, rep = prune_model(model, 0.5, "local", min_numel=1,
+                             method=MethodOptions(method="wanda", calibration=feeds, holdout=0.0))
+    assert np.array_equal(tensor_by_name(mag, "W")[0] == 0, [True] * 4)  # magnitude drops the loud feature
+    assert np.array_equal(tensor_by_name(wanda, "W")[1] == 0, [True] * 4)  # wanda drops the quiet one
+    assert rep.tensors[0].method["criterion"] == "wanda"
+    assert _err(model, wanda, x) < _err(model, mag, x)
+
+
+def test_wanda_output_scope_prunes_each_output_unit_alike():
+    x, feeds = _feeds()
+    model = mlp((32, 64, 16))
+    pruned, rep = prune_model(model, 0.25, "output", method=MethodOptions(method="wanda", calibration=feeds))
+    W0 = tensor_by_name(pruned, "W0")  # [32, 64]: output units are columns, 8 of 32 inputs zeroed in each
+    assert ((W0 == 0).sum(axis=0) == 8).all()
+    assert rep.totals.zeros_after == 64 * 8 + 16 * 16
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_obs_is_exact_and_beats_plain_masking(scope):
+    x, feeds = _feeds()
+    model = mlp((32, 64, 16))
+    mag, _ = prune_model(model, 0.6, scope)
+    obs, rep = prune_model(model, 0.6, scope, method=MethodOptions(method="obs", calibration=feeds, holdout=0.0))
+    n = 32 * 64 + 64 * 16
+    assert rep.totals.zeros_after == rep.totals.target_zeros == round(0.6 * n)
+    for t in rep.tensors:
+        assert t.method["refit"] is True and t.method["error_after"] < t.method["error_masked"]
+    assert _err(model, obs, x) < 0.8 * _err(model, mag, x)
+
+
+def test_refit_flag_reconstructs_a_magnitude_mask():
+    x, feeds = _feeds()
+    model = mlp((32, 64, 16))
+    mag, _ = prune_model(model, 0.5, "local")
+    refit, rep = prune_model(model, 0.5, "local",
+                             method=MethodOptions(method="magnitude", refit=True, calibration=feeds, holdout=0.0))
+    for name in ("W0", "W1"):  # the same weights are zeroed, the kept ones moved
+        assert np.array_equal(tensor_by_name(mag, name) == 0, tensor_by_name(refit, name) == 0)
+    assert not np.array_equal(tensor_by_name(mag, "W1"), tensor_by_name(refit, "W1"))
+    assert _err(model, refit, x) < _err(model, mag, x)
+
+
+def test_exclusions_and_bounds_hold_for_calibrated_methods():
+    x, feeds = _feeds()
+    model = mlp((32, 64, 16, 8))
+    cfg = PruneConfig(rules=(Rule(name="W1", min_sparsity=0.7),))
+    pruned, rep = prune_model(model, 0.5, "global", config=cfg, exclude=["W2"],
+                              method=MethodOptions(method="wanda", calibration=feeds))
+    assert np.array_equal(tensor_by_name(pruned, "W2"), tensor_by_name(model, "W2"))
+    assert [t.name for t in rep.tensors] == ["W0", "W1"]
+    assert rep.tensors[1].zeros_after == round(0.7 * 64 * 16)  # held at its min bound
+    assert rep.totals.zeros_after == rep.totals.target_zeros == round(0.5 * (32 * 64 + 64 * 16))
+
+
+def test_cubic_schedule_steps_and_one_session():
+    x, feeds = _feeds()
+    model = mlp((32, 64, 16))
+    opts = MethodOptions(method="obs", calibration=feeds, steps=3, schedule="cubic", holdout=0.0)
+    assert opts.fractions() == pytest.approx([1 - (2 / 3) ** 3, 1 - (1 / 3) ** 3, 1.0])
+    assert MethodOptions(steps=4, schedule=Schedule.LINEAR).fractions() == [0.25, 0.5, 0.75, 1.0]
+    pruned, rep = prune_model(model, 0.8, "local", method=opts)
+    n1, n2 = 32 * 64, 64 * 16
+    want = [(round(f * 0.8 * n1) + round(f * 0.8 * n2)) / (n1 + n2) for f in opts.fractions()]
+    assert rep.method["step_sparsity"] == pytest.approx(want, abs=1e-12)
+    assert rep.totals.zeros_after == round(0.8 * n1) + round(0.8 * n2)
+    # 3 steps x 2 sequential stages, all served by one ONNX Runtime session
+    assert rep.method["passes"] == 6 and rep.method["stages"] == 2 and rep.method["sessions"] == 1
+
+
+def test_sequential_stages_follow_the_dataflow():
+    model = mlp((32, 64, 16, 8))
+    index = GraphIndex(model)
+    views = {w.name: linear_view(w, index)[0] for w in find_weights(index, min_numel=1).weights}
+    assert topological_stages(model, views) == [["W0"], ["W1"], ["W2"]]
+
+
+def test_holdout_is_kept_out_of_statistics_and_used_for_validation(tmp_path):
+    x, _ = _feeds(n=100)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=x)
+    src = tmp_path / "m.onnx"
+    onnx.save(mlp((32, 64, 16)), src)
+    runner = CliRunner()
+    res = runner.invoke(main, ["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--sparsity", "0.5",
+                               "--method", "obs", "--calibration", str(calib), "--holdout", "0.25",
+                               "--report", str(tmp_path / "r.json"), "-q"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["method"]["statistics_samples"] == 75 and rep["method"]["holdout_samples"] == 25
+    assert "holdout: samples 75..99 of 100" in rep["method"]["validated_on"]
+    assert rep["validation"]["calibration"]["samples"] == 25
+    assert rep["tensors"][0]["method"]["stats_rows"] == 75
+
+
+def test_split_holdout_splits_exactly():
+    x, _ = _feeds(n=10)
+    cal = open_calibration([{"x": x}], mlp((32, 64, 16)))
+    fit, held = split_holdout(open_calibration(str(_npz(x)), mlp((32, 64, 16))), 0.3)
+    assert fit.samples == 7 and held.samples == 3
+    assert np.array_equal(np.concatenate([b.feeds["x"] for b in held.batches(2)]), x[7:])
+    assert split_holdout(cal, 0.0)[1] is None
+
+
+def _npz(x):
+    import tempfile
+    path = tempfile.mkdtemp() + "/c.npz"
+    np.savez(path, x=x)
+    return path
+
+
+def test_calibrated_methods_need_calibration_data(tmp_path):
+    with pytest.raises(ConfigError, match="--method obs needs calibration data"):
+        MethodOptions(method="obs")
+    src = tmp_path / "m.onnx"
+    onnx.save(mlp(), src)
+    res = CliRunner().invoke(main, ["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--sparsity", "0.5",
+                                    "--method", "wanda"])
+    assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == \
+        "error: --method wanda needs calibration data: pass --calibration"
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_calibrated_pruning_is_deterministic(tmp_path):
+    x, _ = _feeds()
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=x)
+    src = tmp_path / "m.onnx"
+    onnx.save(mlp((32, 64, 16)), src)
+    opts = MethodOptions(method="obs", calibration=str(calib))
+    prune_file(src, tmp_path / "a.onnx", 0.5, method=opts)
+    prune_file(src, tmp_path / "b.onnx", 0.5, method=opts)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_float16_weights_keep_exact_counts_after_reconstruction():
+    x, feeds = _feeds()
+    model = mlp((32, 64, 16))
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    cast = helper.make_node("Cast", ["x"], ["xh"], to=TensorProto.FLOAT16)
+    model.graph.node.insert(0, cast)
+    model.graph.node[1].input[0] = "xh"
+    model.graph.node[-1].op_type = "Cast"
+    model.graph.node[-1].attribute.append(helper.make_attribute("to", TensorProto.FLOAT))
+    pruned, rep = prune_model(model, 0.7, "global", method=MethodOptions(method="obs", calibration=feeds))
+    assert rep.totals.zeros_after == rep.totals.target_zeros == round(0.7 * (32 * 64 + 64 * 16))
+    assert tensor_by_name(pruned, "W0").dtype == np.float16
+
+
+def test_obs_on_the_cnn_and_two_four_pattern():
+    model = onnx.load(MODELS / "digits_cnn.onnx")
+    calib = str(MODELS / "digits_cnn_calib.npz")
+    pruned, rep = prune_model(model, 0.5, "local", method=MethodOptions(method="obs", calibration=calib,
+                                                                     max_samples=200))
+    assert rep.totals.zeros_after == rep.totals.target_zeros
+    assert {t.method["criterion"] for t in rep.tensors} == {"obs"}
+    pruned, rep = prune_model(model, method=MethodOptions(method="obs", calibration=calib, pattern="2:4",
+                                                          max_samples=200))
+    for t in rep.tensors:
+        assert t.zeros_after == t.numel // 2
