@@ -79,7 +79,7 @@ def _cast_exact(values: np.ndarray, pruned: np.ndarray, dtype: np.dtype) -> np.n
     (one that rounds to zero keeps the dtype's smallest magnitude), so counts stay exact."""
     out = values.astype(dtype)
     out[pruned] = 0
-    lost = (out == 0) & ~pruned
+    lost = (out == 0) & ~pruned & (values != 0)  # a kept exact zero stays zero
     if lost.any():
         try:
             tiny = np.finfo(dtype).smallest_subnormal
@@ -274,7 +274,10 @@ class _Runner:
         pattern = self.opts.pattern
         obs = self.opts.method is Method.OBS and self.fallback[i] is None and stats is not None
         params = ObsParams(block_size=self.opts.block_size, damp=self._damp(i, stats) if stats else self.opts.damp)
-        if obs and not output_scope:
+        already = int(np.count_nonzero(w == 0))
+        if not pattern and not output_scope and already >= count:  # the existing zeros meet the target
+            res, mask = None, w == 0
+        elif obs and not output_scope:
             res = obs_prune(w, stats.hessian, count=None if pattern else count,
                             pattern=(pattern.n, pattern.m) if pattern else None, params=params)
             mask = res.mask
@@ -287,8 +290,12 @@ class _Runner:
             else:
                 mask = _k_smallest(scores, count)
             res = None
-            if self.opts.refits and stats is not None and self.fallback[i] is None:
-                res = obs_prune(w, stats.hessian, mask=mask, params=params)
+        zeros = w == 0
+        if (zeros & ~mask).any():  # weights already zero stay zero (re-fitting must not revive them)
+            mask = mask | zeros
+            res = None
+        if res is None and self.opts.refits and stats is not None and self.fallback[i] is None:
+            res = obs_prune(w, stats.hessian, mask=mask, params=params)
         quantized = self.values[i].quant is not None
         if res is not None and not quantized:
             new = res.weights

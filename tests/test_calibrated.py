@@ -205,3 +205,39 @@ def test_obs_on_the_cnn_and_two_four_pattern():
                                                           max_samples=200))
     for t in rep.tensors:
         assert t.zeros_after == t.numel // 2
+
+
+def test_too_few_calibration_rows_warn_and_raise_the_dampening():
+    x, _ = _feeds(n=10)
+    model = mlp((32, 64, 16))
+    _, rep = prune_model(model, 0.5, "local", method=MethodOptions(method="obs", calibration=[{"x": x}],
+                                                                   holdout=0.0))
+    assert any("rank-deficient" in n for n in rep.notes)
+    w0 = rep.tensors[0].method
+    assert w0["stats_rows"] == 10 and w0["damp"] == pytest.approx(0.01 * 32 / 10)
+
+
+def test_cli_two_four_pattern_report(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(mlp((32, 64, 16)), src)
+    res = CliRunner().invoke(main, ["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--pattern", "2:4",
+                                    "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["method"]["pattern"] == "2:4" and rep["totals"]["zeros_after"] == (32 * 64 + 64 * 16) // 2
+    bad = CliRunner().invoke(main, ["prune", str(src), "-o", str(tmp_path / "q.onnx"), "--pattern", "2-4"])
+    assert bad.exit_code == 2 and "pattern must look like N:M" in bad.output
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_kept_zeros_stay_zero_when_fewer_are_asked_for():
+    x, feeds = _feeds()
+    model = mlp((32, 64, 16))
+    W0 = tensor_by_name(model, "W0").copy()
+    W0[24:, :] = 0  # 25% already zero: the inputs of OBS's last block, which earlier blocks' updates reach
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(W0, "W0"))
+    pruned, rep = prune_model(model, 0.1, "local", method=MethodOptions(method="obs", calibration=feeds,
+                                                                        block_size=8))
+    P0 = tensor_by_name(pruned, "W0")
+    assert (P0 == 0).sum() == 32 * 16  # the existing zeros count toward the 10%; none became tiny non-zeros
+    assert rep.tensors[0].zeros_before == rep.tensors[0].zeros_after == 32 * 16
