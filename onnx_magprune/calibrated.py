@@ -345,7 +345,7 @@ class _Runner:
                     self._prune_layer(i, counts[i], stats[i])
         rows = [o.stats_rows for o in self.outcomes if o.stats_rows is not None]
         widths = {self.targets[i].weight.name: self.views[i].to_matrix(self.cur[i]).shape[1] for i in self.calibrated}
-        if rows and min(rows) < max(widths.values(), default=0):
+        if self.opts.needs_hessian and rows and min(rows) < max(widths.values(), default=0):
             self.warnings.append(
                 f"the calibration data gives {min(rows)} activation rows for layers up to {max(widths.values())} "
                 "inputs wide: their second-moment matrices are rank-deficient, so OBS may overfit the calibration "
