@@ -33,7 +33,7 @@ from .graph_index import GraphIndex
 from .layer_stats import LayerStats, StatsModel, StatsRequest, stats_key, topological_stages
 from .layer_view import LinearView, linear_view
 from .methods import Method, MethodOptions
-from .obs import ObsParams, nm_mask, obs_prune, output_error, wanda_scores
+from .obs import ObsParams, nm_mask, obs_prune, obs_saliency, output_error, wanda_scores
 from .planning import Target, TargetValues
 from .quantized import dequantize, prune_to_zero_point
 from .selection import ApplyStats, plan_global, target_count
@@ -104,29 +104,6 @@ def _rowwise_smallest(scores: np.ndarray, k: int) -> np.ndarray:
         idx = np.argsort(scores, axis=1, kind="stable")[:, :k]
         np.put_along_axis(mask, idx, True, axis=1)
     return mask
-
-
-def _obs_saliency(w: np.ndarray, h: np.ndarray, damp: float) -> np.ndarray:
-    """OBS's ``w^2 / [H^-1]_jj^2``-style saliency used to share a global budget between layers."""
-    import scipy.linalg
-
-    h = h.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    mean = float(np.mean(np.diag(h))) or 1.0
-    for attempt in range(8):
-        try:
-            c = scipy.linalg.cho_factor(h + (damp * mean * 10 ** attempt) * np.eye(len(h)), lower=True)
-            break
-        except np.linalg.LinAlgError:
-            continue
-    else:  # pragma: no cover - a damped PSD matrix factors
-        return w ** 2
-    inv_diag = np.diag(scipy.linalg.cho_solve(c, np.eye(len(h))))
-    scores = w ** 2 / inv_diag[None, :]
-    scores[:, dead] = 0.0
-    energy = float(np.einsum("ij,jk,ik->", w, h, w)) or 1.0
-    return scores / energy  # the share of the layer's output energy each weight's removal costs
 
 
 class _Runner:
@@ -225,7 +202,7 @@ class _Runner:
         elif self.opts.method is Method.WANDA:
             s = wanda_scores(w, stats.col_sq)
         else:
-            s = _obs_saliency(w, stats.hessian, self._damp(i, stats))
+            s = obs_saliency(w, stats.hessian, self._damp(i, stats))
         return np.ascontiguousarray(np.where(np.isfinite(w), s, np.inf))
 
     def _damp(self, i: int, stats: LayerStats) -> float:

@@ -137,6 +137,32 @@ def _inverse_cholesky(h: np.ndarray, base: float, damp_rel: float) -> tuple[np.n
     raise np.linalg.LinAlgError(f"hessian is not positive definite even with {lam:.3g} added to its diagonal")
 
 
+def _damped_factor(h_in: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(dead, U, λ)``: the dead inputs (``diag(H) == 0``, given a unit diagonal) and the
+    upper factor of the damped inverse, λ relative to the mean diagonal."""
+    h = h_in.astype(np.float64, copy=True)
+    diag = np.diag(h)
+    if np.any(diag < 0):
+        raise ValueError("hessian has a negative diagonal entry (not a sum of squares)")
+    dead = diag == 0
+    h[dead, dead] = 1.0
+    if not len(h):
+        return dead, h, 0.0
+    mean = float(np.mean(np.diag(h)))
+    u, lam = _inverse_cholesky(h, mean if mean > 0 else 1.0, damp)
+    return dead, u, lam
+
+
+def obs_saliency(w: np.ndarray, hessian: np.ndarray, damp: float) -> np.ndarray:
+    """OBS saliency ``w_ij^2 / [H^-1]_jj`` of every weight (0 on dead inputs), divided by the
+    layer's output energy ``tr(W H Wᵀ)``: the share of the layer's output each removal costs."""
+    dead, u, _lam = _damped_factor(hessian, damp)
+    inv_diag = np.einsum("ij,ij->j", u, u)  # diag(UᵀU) = diag(H⁻¹)
+    scores = w ** 2 / inv_diag[None, :]
+    scores[:, dead] = 0.0
+    return scores / (output_error(w, np.zeros_like(w), hessian) or 1.0)
+
+
 def _round_div(num: int, den: int) -> int:
     """round(num / den), halves up, in exact integer arithmetic (num >= 0, den > 0)."""
     return (2 * num + den) // (2 * den)
@@ -192,14 +218,7 @@ def obs_prune(w: np.ndarray, hessian: np.ndarray, *, count: int | None = None, m
         n_keep, m = _check_nm(pattern[0], pattern[1], n_in)
         bs = max(m, bs // m * m)
 
-    h = h_in.astype(np.float64, copy=True)
-    diag = np.diag(h)
-    if np.any(diag < 0):
-        raise ValueError("hessian has a negative diagonal entry (not a sum of squares)")
-    dead = diag == 0
-    h[dead, dead] = 1.0
-    mean = float(np.mean(np.diag(h))) if n_in else 0.0
-    u, lam = _inverse_cholesky(h, mean if mean > 0 else 1.0, float(params.damp)) if n_in else (h, 0.0)
+    dead, u, lam = _damped_factor(h_in, float(params.damp))
 
     W = w_in.astype(np.float64, copy=True)
     M = np.zeros((n_out, n_in), dtype=bool)
