@@ -19,7 +19,10 @@ from .errors import (  # noqa: E402
 from .report import SCHEMA_VERSION, PruneReport  # noqa: E402
 from .runtime import RuntimeFailure  # noqa: E402
 from .selection import SelectionParams  # noqa: E402
+from .structured_run import StructuredOptions  # noqa: E402
 from .validate import RuntimeOptions, ValidationRequest, validate_models  # noqa: E402
+from .sensitivity import SensitivityReport, SweepOptions, sensitivity_sweep  # noqa: E402
+from .allocation_search import AllocationOptions  # noqa: E402
 from .validation_report import Gates, ValidationReport  # noqa: E402
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "PruneReport",
     "SelectionParams",
+    "StructuredOptions",
     "BenchOptions",
     "bench_models",
     "CalibrationError",
@@ -54,6 +58,10 @@ __all__ = [
     "RuntimeOptions",
     "ValidationRequest",
     "validate_models",
+    "SweepOptions",
+    "SensitivityReport",
+    "sensitivity_sweep",
+    "AllocationOptions",
     "Gates",
     "ValidationReport",
 ]

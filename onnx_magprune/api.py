@@ -8,6 +8,7 @@ zero in place (selection) -> save atomically (model_io) -> report.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import replace
 from typing import NamedTuple, Sequence
 
@@ -16,6 +17,7 @@ import onnx
 from . import __version__
 from .config import PruneConfig, Scope
 from .discovery import find_weights
+from .folding import decoder_weights
 from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
 from .model_io import (
@@ -29,7 +31,7 @@ from .model_io import (
 from .discovery import Skipped
 from .calibrated import run_calibrated
 from .calibration import open_calibration, split_holdout
-from .encoding import Format, decode_model, encode_tensors, parse_format
+from .encoding import Format, Objective, decode_model, encode_tensors, parse_format, parse_objective
 from .methods import MethodOptions
 from .planning import apply_rules, apply_target, load_values, plan_targets, shared_external_bytes
 from .report import PruneReport, SkippedReport, TensorReport, Totals
@@ -55,6 +57,29 @@ def _config(config: PruneConfig | None, **overrides) -> PruneConfig:
         return (config or PruneConfig()).with_overrides(**overrides)
     except TypeError as e:  # an unknown keyword option
         raise ConfigError(str(e).replace("with_overrides()", "option")) from e
+
+
+def _load(source: ModelSource) -> LoadedModel:
+    """Load a model; compact weights (written by an earlier run) are decoded back to
+    plain initializers first, so they can be found, pruned and re-encoded."""
+    loaded = load_model(source)
+    if decoder_weights(loaded.proto):
+        internalize_external_data(loaded)
+        decode_model(loaded.proto)
+    return loaded
+
+
+def _files(loaded: LoadedModel, staged) -> dict:
+    """Bytes on disk of the input and of the output just written, each with its external data files."""
+    def size(p: Path) -> int:
+        try:
+            return p.stat().st_size
+        except OSError:
+            return 0
+    inputs = ([loaded.path] if loaded.path is not None else []) + sorted(loaded.data_files)
+    outputs = [staged.output.parent / rel for rel in staged.files]
+    return {"input_bytes": sum(size(p) for p in inputs) if loaded.path is not None else None,
+            "input_files": len(inputs), "output_bytes": sum(size(p) for p in outputs), "output_files": len(outputs)}
 
 
 def _has_external_data(loaded: LoadedModel) -> bool:
@@ -121,10 +146,12 @@ class _Run:
     def _done(self, i: int, stats: ApplyStats) -> None:
         self.stats[i] = stats
 
-    def encode(self, fmt: Format) -> None:
+    def encode(self, fmt: Format, objective: Objective = Objective.BALANCED) -> None:
         """Store the pruned float weights in ``fmt`` (after they were applied)."""
+        self.total_params = _total_params(self.loaded.proto)  # before the weights turn into codes
         self.encoded = {e.name: e for e in encode_tensors(
-            self.loaded.proto, [t.weight.tensor for t in self.targets], fmt, TensorStore(self.loaded.base_dir))}
+            self.loaded.proto, [t.weight.tensor for t in self.targets], fmt, TensorStore(self.loaded.base_dir),
+            objective=objective)}
         self.fmt = fmt
 
     def report(self) -> PruneReport:
@@ -147,15 +174,21 @@ class _Run:
                 format=encoded[t.weight.name].format if t.weight.name in encoded else "dense",
                 stored_bytes=(encoded[t.weight.name].encoded_bytes if t.weight.name in encoded
                               else _dense_bytes(tensor)) if self.prune else None,
+                bound_bytes=encoded[t.weight.name].bound_bytes if t.weight.name in encoded else None,
+                overhead_bytes=encoded[t.weight.name].overhead_bytes or None if t.weight.name in encoded else None,
+                code=encoded[t.weight.name].code if t.weight.name in encoded else None,
+                format_note=encoded[t.weight.name].note if t.weight.name in encoded else None,
                 method=self.outcomes[i].to_dict() if self.outcomes is not None else None,
             ))
         if encoded and any(e.format != "dense" for e in encoded.values()):
-            note = ("sparse formats cut file and download size only: ONNX Runtime densifies sparse "
-                    "initializers when it loads the model, so memory and inference speed are as dense")
+            note = ("sparse and compact formats cut file and download size only: ONNX Runtime densifies sparse "
+                    "initializers and constant-folds compact decoders when it loads the model (session start "
+                    "takes longer), so memory and inference speed are as dense")
         else:
             note = None
         report = _assemble(self.loaded, self.cfg, rows, self.skipped, self.prune, self.output,
-                         sum(p.pruned for p in self.plans) if self.prune else None)
+                           sum(p.pruned for p in self.plans) if self.prune else None,
+                           total_params=getattr(self, "total_params", None))
         if note:
             report.notes = [note if n.startswith("zeros are stored densely") else n for n in report.notes]
         if self.method is not None:
@@ -165,11 +198,13 @@ class _Run:
 
 
 def _assemble(loaded: LoadedModel, cfg: PruneConfig, rows: list[TensorReport], skipped, prune: bool,
-              output: str | None, target_zeros: int | None) -> PruneReport:
+              output: str | None, target_zeros: int | None, total_params: int | None = None) -> PruneReport:
     prunable = sum(r.numel for r in rows)
     zb, za = sum(r.zeros_before for r in rows), sum(r.zeros_after for r in rows)
-    totals = Totals(prunable_params=prunable, total_params=_total_params(loaded.proto), zeros_before=zb,
-                    zeros_after=za, sparsity=za / prunable if prunable else 0.0, target_zeros=target_zeros)
+    if total_params is None:
+        total_params = _total_params(loaded.proto)
+    totals = Totals(prunable_params=prunable, total_params=total_params, zeros_before=zb, zeros_after=za,
+                    sparsity=za / prunable if prunable else 0.0, target_zeros=target_zeros)
     notes = []
     if prune:
         notes.append("zeros are stored densely (format 'dense'): the file is not smaller and ONNX Runtime's "
@@ -205,6 +240,39 @@ def _statistics(loaded: LoadedModel, method: MethodOptions | None, validation: V
     return fit, validation, where
 
 
+def _structured(loaded: LoadedModel, cfg: PruneConfig, structured, method: MethodOptions | None, fit, where,
+                fmt: Format, output: str | None):
+    """Remove whole units (``--structured``); the returned run's ``report()`` describes it."""
+    from .structured_run import StructuredRun
+
+    if fmt not in (Format.DENSE, Format.AUTO):
+        raise ConfigError("--structured writes smaller dense weights: use --format dense (or auto)")
+    internalize_external_data(loaded)
+    return StructuredRun(loaded.proto, cfg, structured, method, fit, output=output, where=where,
+                         source=str(loaded.path) if loaded.path is not None else None)
+
+
+def _check_allocation(structured, allocation) -> None:
+    if structured is not None and allocation is not None and allocation.active:
+        raise ConfigError("--target-drift / --allocate sensitivity choose unstructured sparsities: drop --structured")
+
+
+def _allocated(loaded: LoadedModel, cfg: PruneConfig, method: MethodOptions | None,
+               allocation: "AllocationOptions | None", validation: ValidationRequest | None):
+    """``--target-drift`` / ``--allocate sensitivity``: per-weight sparsities as fixed rules (see
+    allocation_search); validation moves to the samples the search never saw."""
+    if allocation is None or not allocation.active:
+        return cfg, None, validation
+    from .allocation_search import allocate_model, with_allocation
+
+    allocation.check(cfg, method)
+    internalize_external_data(loaded)
+    alloc = allocate_model(loaded.proto, cfg, allocation)
+    if validation is not None and alloc.held_out is not None:
+        validation = replace(validation, calibration=alloc.held_out, labels=None, max_samples=None)
+    return with_allocation(cfg, alloc.levels), alloc, validation
+
+
 def inspect_model(
     model: ModelSource,
     *,
@@ -214,7 +282,7 @@ def inspect_model(
     include_overridable: bool | None = None,
 ) -> PruneReport:
     """What can be pruned, and what is skipped and why.  Nothing is changed."""
-    loaded = load_model(model)
+    loaded = _load(model)
     cfg = _config(config, exclude=exclude, min_numel=min_numel, include_overridable=include_overridable)
     return _Run(loaded, TensorStore(loaded.base_dir), cfg, DEFAULT_PARAMS, prune=False, output=None).report()
 
@@ -227,6 +295,8 @@ def prune_model(
     config: PruneConfig | None = None,
     params: SelectionParams = DEFAULT_PARAMS,
     method: MethodOptions | None = None,
+    structured: "StructuredOptions | None" = None,
+    allocation: "AllocationOptions | None" = None,
     **options,
 ) -> PruneResult:
     """Prune a model in memory.  Returns ``(model, report)``; the input object
@@ -238,16 +308,23 @@ def prune_model(
     :meth:`PruneConfig.with_overrides`.
     """
     fmt = parse_format(options.pop("format", "dense"))
-    loaded = load_model(model)
+    objective = parse_objective(options.pop("optimize_for", "balanced"))
+    loaded = _load(model)
     internalize_external_data(loaded)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
     fit, _, where = _statistics(loaded, method, None)
+    _check_allocation(structured, allocation)
+    if structured is not None:  # whole units removed: see structured_run
+        return PruneResult(loaded.proto, _structured(loaded, cfg, structured, method, fit, where, fmt, None).report())
+    cfg, alloc, _ = _allocated(loaded, cfg, method, allocation, None)
     run = _Run(loaded, TensorStore(None), cfg, params, prune=True, output=None, method=method, statistics=fit)
     if fmt is not Format.DENSE:
-        run.encode(fmt)
+        run.encode(fmt, objective)
     report = run.report()
     if report.method is not None and where:
         report.method.update(where)
+    if alloc is not None:
+        report.allocation = alloc.report
     return PruneResult(loaded.proto, report)
 
 
@@ -262,6 +339,8 @@ def prune_file(
     params: SelectionParams = DEFAULT_PARAMS,
     validation: ValidationRequest | None = None,
     method: MethodOptions | None = None,
+    structured: "StructuredOptions | None" = None,
+    allocation: "AllocationOptions | None" = None,
     **options,
 ) -> PruneReport:
     """Prune the model file ``source`` into ``output``, atomically.  External
@@ -272,26 +351,37 @@ def prune_file(
     before it is put in place; when a gate fails nothing is written and
     :class:`GateFailed` is raised (its ``report`` holds the full report)."""
     fmt = parse_format(options.pop("format", "dense"))
-    loaded = load_model(source)
+    objective = parse_objective(options.pop("optimize_for", "balanced"))
+    loaded = _load(source)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
     repack = fmt is not Format.DENSE and _has_external_data(loaded)
     fit, validation, where = _statistics(loaded, method, validation)
+    _check_allocation(structured, allocation)
     if fit is not None and _has_external_data(loaded):  # the statistics model runs from memory
         internalize_external_data(loaded)
         repack = True
+    if allocation is not None and allocation.active and _has_external_data(loaded):  # the search runs from memory
+        repack = True
     if repack:  # re-encoding changes which bytes are needed: read everything, write a fresh data file
         internalize_external_data(loaded)
+    cfg, alloc, validation = _allocated(loaded, cfg, method, allocation, validation)
     store = TensorStore(loaded.base_dir if not repack else None)
-    run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=not repack, method=method,
-               statistics=fit)
-    if fmt is not Format.DENSE:
-        run.encode(fmt)
+    if structured is not None:  # shapes change: the whole model is rewritten in memory
+        repack = repack or _has_external_data(loaded)
+        run = _structured(loaded, cfg, structured, method, fit, where, fmt, str(output))
+    else:
+        run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=not repack, method=method,
+                   statistics=fit)
+        if fmt is not Format.DENSE:
+            run.encode(fmt, objective)
     staged = (stage_repacked(loaded, output, overwrite=overwrite) if repack else
               stage_model(loaded, output, external_writes=store.external_writes, overwrite=overwrite))
     try:
         report = run.report()
         if report.method is not None and where:
             report.method.update(where)
+        if alloc is not None:
+            report.allocation = alloc.report
         if validation is not None:
             report.validation = validation.run(source, staged.path)
             report.validation.pruned = str(output)
@@ -299,10 +389,17 @@ def prune_file(
                 failed = [g for g in report.validation.gates if not g.passed]
                 raise GateFailed(f"{len(failed)} quality gate(s) failed ({', '.join(g.gate for g in failed)}); "
                                  f"'{output}' was not written", report=report)
+        if alloc is not None:
+            if allocation.plots:
+                from .plots import write_allocation_plots
+
+                report.allocation["plots"] = write_allocation_plots(
+                    alloc, allocation.plots, os.path.splitext(os.path.basename(os.fspath(output)))[0])
     except BaseException:
         staged.discard()
         raise
     staged.commit()
+    report.files = _files(loaded, staged)
     return report
 
 
@@ -310,18 +407,21 @@ def encode_file(source: str | os.PathLike, output: str | os.PathLike, fmt: Forma
                 overwrite: bool = False, **options) -> PruneReport:
     """Re-encode the weights of an already-pruned model (no pruning) into ``output``."""
     fmt = parse_format(fmt)
-    loaded = load_model(source)
+    objective = parse_objective(options.pop("optimize_for", "balanced"))
+    loaded = _load(source)
     cfg = _config(None, sparsity=0.0, **options)
     repack = _has_external_data(loaded)
     if repack:
         internalize_external_data(loaded)
     run = _Run(loaded, TensorStore(None if repack else loaded.base_dir), cfg, DEFAULT_PARAMS, prune=True,
                output=str(output))
-    run.encode(fmt)
+    run.encode(fmt, objective)
     report = run.report()
     report.command = "encode"
-    (stage_repacked(loaded, output, overwrite=overwrite) if repack else
-     stage_model(loaded, output, overwrite=overwrite)).commit()
+    staged = stage_repacked(loaded, output, overwrite=overwrite) if repack else \
+        stage_model(loaded, output, overwrite=overwrite)
+    staged.commit()
+    report.files = _files(loaded, staged)
     return report
 
 

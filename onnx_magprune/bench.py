@@ -26,6 +26,7 @@ from . import __version__
 from .calibration import SyntheticSpec, effective_batch, model_inputs, open_calibration
 from .model_io import iter_all_tensors
 from .progress import Progress
+from .folding import FoldCheck, decoder_weights, optimized_model_path, unfolded_decoders
 from .runtime import BoundRunner, ModelRef, ProviderChoice, available_providers, create_session, resolve_providers
 from .tensor_data import FLOAT_TYPES, TensorStore, dtype_name, numel
 from .validate import RuntimeOptions, _graph_of, _label
@@ -216,8 +217,12 @@ def bench_models(
     threads = runtime.threads or os.cpu_count()
     create_times: list[list[float]] = [[] for _ in models]
     sessions = [None] * len(models)
-    for m in models:  # untimed: the first creation pays one-off costs (imports, page cache)
-        create_session(m, choice, threads=threads)
+    folds: list[FoldCheck | None] = []
+    for m, g in zip(models, graphs):  # untimed: the first creation pays one-off costs (imports, page cache)
+        decoders = decoder_weights(g)  # and shows whether ONNX Runtime folded the compact decoders
+        with optimized_model_path(bool(decoders)) as opt:
+            create_session(m, choice, threads=threads, optimized_model_path=opt)
+            folds.append(FoldCheck(decoders, unfolded_decoders(opt)) if decoders else None)
     for r in range(options.startup_repeats):
         order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
         for i in order:
@@ -237,6 +242,7 @@ def bench_models(
                 latencies[i].append(time.perf_counter() - t0)
             bar.update()
     rows = []
+    notes_unfolded: list[str] = []
     for i, m in enumerate(models):
         rss = None
         if options.measure_memory:
@@ -252,7 +258,11 @@ def bench_models(
             "latency_seconds": _stats(latencies[i]),
             "session_peak_rss": rss,
             "providers_used": list(sessions[i].get_providers()),
+            "compact_decoders": folds[i].to_dict() if folds[i] is not None else None,
         })
+        if folds[i] is not None and not folds[i].folded:
+            notes_unfolded.append(f"{_label(m)}: ONNX Runtime did not fold the compact decoder(s) of "
+                                  f"{', '.join(folds[i].unfolded)}; they run on every inference")
     comparison = None
     notes = [f"{options.runs} timed runs per model after {options.warmup} warm-up runs, interleaved A/B/A/B with "
              f"the order flipped every round; ratios are per round (median, p10, p90)"]
@@ -268,6 +278,7 @@ def bench_models(
                 f"the two models have the same weight shapes: {', '.join(choice.providers)} run(s) zeros with "
                 "dense kernels, so unstructured sparsity cannot change latency; expect a ratio of 1.0 within "
                 "noise (ONNX Runtime also densifies sparse initializers when it loads a model)")
+    notes += notes_unfolded
     if choice.dropped:
         notes.append(f"requested provider(s) {', '.join(choice.dropped)} unavailable: ran without them")
     if calib.synthetic:

@@ -14,12 +14,13 @@ import click
 
 from . import __version__
 from .api import decode_file, encode_file, inspect_model, prune_file
-from .encoding import Format
+from .encoding import Format, Objective
 from .bench import BenchOptions, bench_models
 from .calibration import SyntheticSpec, parse_shape
 from .config import DEFAULT_MIN_NUMEL, NonFinite, PruneConfig, Scope, load_config
 from .errors import GateFailed, MagpruneError, OutputError
 from .methods import Method, MethodOptions, Schedule
+from .structured_run import StructuredOptions
 from .model_io import write_text_atomic
 from .report import PruneReport
 from .validate import RuntimeOptions, ValidationRequest, validate_models
@@ -129,9 +130,10 @@ _runtime_options = _compose(
                  help="Samples per run [default: validate 32, bench 1]."),
 )
 _method_options = _compose(
-    click.option("--method", type=click.Choice([m.value for m in Method]), default="magnitude", show_default=True,
+    click.option("--method", type=click.Choice([m.value for m in Method]), default=None,
                  help="Criterion: magnitude |w|; wanda |w|*||x|| and obs (SparseGPT-style reconstruction) read "
-                      "layer statistics from --calibration."),
+                      "layer statistics from --calibration [default: magnitude; obs with --structured and "
+                      "--calibration]."),
     click.option("--pattern", default=None, metavar="N:M",
                  help="Keep N of every M consecutive weights along each layer's reduction axis (e.g. 2:4)."),
     click.option("--refit/--no-refit", default=None,
@@ -148,6 +150,38 @@ _method_options = _compose(
                  help="OBS columns per lazy-update block."),
     click.option("--holdout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
                  help="Fraction of --calibration kept out of the statistics; validation runs on it."),
+)
+_structured_options = _compose(
+    click.option("--structured", type=click.Choice(["neurons", "channels"]), default=None,
+                 help="Remove whole units (MatMul/Gemm output neurons, Conv output channels) and shrink the graph; "
+                      "--sparsity is then the fraction of units removed."),
+    click.option("--norm", type=click.Choice(["l1", "l2"]), default="l2", show_default=True,
+                 help="--structured with --method magnitude: rank units by this norm of their weights."),
+    click.option("--min-units", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="--structured: units every layer keeps."),
+)
+_drift_options = _compose(
+    click.option("--metric", type=click.Choice(["rel_l2", "cosine", "top1", "accuracy"]), default="rel_l2",
+                 show_default=True, help="Drift metric, larger is worse: rel_l2, 1-cosine, 1-top1 agreement, "
+                                         "accuracy drop (labels)."),
+    click.option("--levels", default="0.3,0.5,0.7,0.8,0.9,0.95", show_default=True, metavar="S1,S2,...",
+                 help="Sparsity levels of the sensitivity sweep."),
+    click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Evaluate the sweep in N parallel processes (one ONNX Runtime session each)."),
+    click.option("--group", "groups", multiple=True, metavar="GLOB",
+                 help="Sweep (and allocate) the weights whose name matches GLOB as one unit (repeatable)."),
+)
+_allocation_options = _compose(
+    click.option("--target-drift", type=float, default=None, metavar="X",
+                 help="Choose per-weight sparsities: the highest overall sparsity whose measured drift on "
+                      "--calibration stays within X."),
+    click.option("--allocate", type=click.Choice(["none", "sensitivity"]), default="none", show_default=True,
+                 help="With --sparsity S: share S between weights by sensitivity (least drift)."),
+    click.option("--drift-output", default=None, metavar="NAME",
+                 help="The output whose drift counts [default: the worst output]."),
+    _drift_options,
+    click.option("--plots", "plot_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                 help="Allocation: write sensitivity, per-weight and drift-vs-sparsity PNGs here (plot extra)."),
 )
 _gate_options = _compose(
     click.option("--max-rel-l2", type=float, default=None, help="Gate: relative L2 error of every output <= X."),
@@ -202,6 +236,13 @@ def _output(report, report_path: str | None, markdown_path: str | None, as_json:
         click.echo(report.format_table())
 
 
+_optimize_option = click.option(
+    "--optimize-for", "optimize_for", type=click.Choice([o.value for o in Objective]), default="balanced",
+    show_default=True,
+    help="compact: size (the smallest file), startup (the fewest decode steps at session start), balanced "
+         "(the fastest-starting code within 1.095x of the information bound).")
+
+
 _weight_options = _compose(_config_option, _exclude_option, _min_numel_option, _overridable_option, _report_option,
                            _json_option, _all_option)
 
@@ -227,9 +268,12 @@ def inspect(model, config_path, exclude, min_numel, include_overridable, report_
 @click.option("--nonfinite", type=click.Choice([n.value for n in NonFinite]), default=None,
               help="NaN/Inf weights: error [default], or keep them unpruned.")
 @click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input model itself.")
-@click.option("--format", "fmt", type=click.Choice([f.value for f in Format]), default="dense", show_default=True,
+@click.option("--format", "fmt", type=click.Choice([f.value for f in Format]), default="auto", show_default=True,
               help="How pruned weights are stored: dense (zeros in place), sparse (standard COO, INT64), "
-                   "sparse-int32 (smaller, not checker-valid), auto (smaller of dense and sparse per tensor).")
+                   "sparse-int32 (smaller, not checker-valid), compact (values + packed gap codes, decoded by "
+                   "ONNX Runtime's constant folding at load), auto (the smallest of dense, sparse and compact "
+                   "per tensor; never larger than dense).")
+@_optimize_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @_weight_options
 @_calibration_options
@@ -237,9 +281,11 @@ def inspect(model, config_path, exclude, min_numel, include_overridable, report_
 @_gate_options
 @_markdown_option
 @_method_options
+@_structured_options
+@_allocation_options
 @click.option("--validate", "force_validate", is_flag=True,
               help="Validate against the input even without --calibration (synthetic inputs).")
-def prune(model, output, sparsity, scope, nonfinite, overwrite, fmt, quiet, config_path, exclude, min_numel,
+def prune(model, output, sparsity, scope, nonfinite, overwrite, fmt, optimize_for, quiet, config_path, exclude, min_numel,
           include_overridable, report_path, as_json, all_skipped, markdown_path, force_validate, **kw):
     """Zero the smallest-magnitude weights of MODEL and write OUTPUT.
 
@@ -252,21 +298,55 @@ def prune(model, output, sparsity, scope, nonfinite, overwrite, fmt, quiet, conf
         validation = ValidationRequest(calibration=kw["calibration"], labels=kw["labels"], gates=gates,
                                        runtime=_runtime(kw), synthetic=_synthetic(kw), max_samples=kw["max_samples"],
                                        label_output=kw["label_output"], quiet=quiet)
-    method = MethodOptions(method=kw["method"], calibration=kw["calibration"], holdout=kw["holdout"],
+    structured = (StructuredOptions(unit=kw["structured"], norm=kw["norm"], min_units=kw["min_units"])
+                  if kw["structured"] else None)
+    criterion = kw["method"] or ("obs" if structured is not None and kw["calibration"] is not None else "magnitude")
+    method = MethodOptions(method=criterion, calibration=kw["calibration"], holdout=kw["holdout"],
                            pattern=kw["pattern"], refit=kw["refit"], sequential=kw["sequential"], steps=kw["steps"],
                            schedule=kw["schedule"], damp=kw["damp"], block_size=kw["block_size"],
                            threads=kw["threads"], max_samples=kw["max_samples"], quiet=quiet)
     try:
         report = prune_file(model, output, sparsity, scope, config=_base_config(config_path), exclude=exclude,
                             min_numel=min_numel, nonfinite=nonfinite, include_overridable=include_overridable,
-                            overwrite=overwrite, validation=validation, format=fmt, method=method)
+                            overwrite=overwrite, validation=validation, format=fmt, optimize_for=optimize_for,
+                            method=method,
+                            structured=structured, allocation=_allocation(kw, quiet))
     except GateFailed as e:
         if e.report is not None:
             _emit(e.report, report_path, as_json, quiet, all_skipped)
             _write_markdown(markdown_path, e.report.validation)
         raise
     _emit(report, report_path, as_json, quiet, all_skipped)
-    _write_markdown(markdown_path, report.validation)
+    if report.allocation is None:
+        _write_markdown(markdown_path, report.validation)
+    else:
+        _allocation_output(report, markdown_path, as_json, quiet, kw["plot_dir"])
+
+
+def _allocation(kw, quiet: bool):
+    """``--target-drift`` / ``--allocate sensitivity`` as AllocationOptions (None when neither is given)."""
+    if kw["target_drift"] is None and kw["allocate"] == "none":
+        return None
+    from .allocation_search import AllocationOptions
+
+    return AllocationOptions(calibration=kw["calibration"], target_drift=kw["target_drift"], allocate="sensitivity",
+                             metric=kw["metric"], output=kw["drift_output"], label_output=kw["label_output"],
+                             labels=kw["labels"], levels=kw["levels"], holdout=kw["holdout"],
+                             max_samples=kw["max_samples"], runtime=_runtime(kw), jobs=kw["jobs"],
+                             plots=kw["plot_dir"], groups=kw["groups"], quiet=quiet)
+
+
+def _allocation_output(report, markdown_path, as_json: bool, quiet: bool, plot_dir) -> None:
+    from .allocation_report import allocation_lines, allocation_markdown
+    from .plots import PLOT_HINT
+
+    if markdown_path:
+        text = (report.validation.to_markdown() if report.validation is not None else "")
+        write_text_atomic(markdown_path, text + allocation_markdown(report.allocation, markdown_path))
+    if not as_json and not quiet:
+        click.echo("\n".join(allocation_lines(report.allocation)))
+    if plot_dir and report.allocation.get("plots") is None:
+        click.echo(PLOT_HINT, err=True)
 
 
 @main.command()
@@ -317,14 +397,15 @@ def bench(models, runs, warmup, no_memory, report_path, markdown_path, as_json, 
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--format", "fmt", type=click.Choice([f.value for f in Format if f is not Format.DENSE]),
               default="auto", show_default=True, help="The storage format for the (already pruned) weights.")
+@_optimize_option
 @click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input model itself.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @_report_option
 @_json_option
-def encode(model, output, fmt, overwrite, quiet, report_path, as_json):
+def encode(model, output, fmt, optimize_for, overwrite, quiet, report_path, as_json):
     """Store the weights of an already-pruned MODEL sparsely in OUTPUT (nothing is pruned)."""
     _check_dirs(report_path)
-    report = encode_file(model, output, fmt, overwrite=overwrite)
+    report = encode_file(model, output, fmt, overwrite=overwrite, optimize_for=optimize_for)
     _emit(report, report_path, as_json, quiet, False)
 
 
@@ -333,9 +414,59 @@ def encode(model, output, fmt, overwrite, quiet, report_path, as_json):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
 @click.option("--overwrite", is_flag=True, help="Allow OUTPUT to be the input model itself.")
 def decode(model, output, overwrite):
-    """Turn sparse weights of MODEL back into plain dense initializers, bit-exact."""
+    """Turn sparse and compact weights of MODEL back into plain dense initializers, bit-exact."""
     count = decode_file(model, output, overwrite=overwrite)
-    click.echo(f"decoded {count} sparse tensor(s) into {output}")
+    click.echo(f"decoded {count} sparse or compact tensor(s) into {output}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@_calibration_options
+@_runtime_options
+@_drift_options
+@click.option("--output", "drift_output", default=None, metavar="NAME",
+              help="The output whose drift counts [default: the worst output].")
+@_config_option
+@_exclude_option
+@_min_numel_option
+@_overridable_option
+@_report_option
+@_markdown_option
+@_json_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the per-weight sensitivity curves as a PNG (plot extra).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no table.")
+def sensitivity(model, drift_output, config_path, exclude, min_numel, include_overridable, report_path,
+                markdown_path, as_json, plot_path, quiet, **kw):
+    """Drift when each prunable weight of MODEL alone is pruned to each level (one ONNX Runtime session)."""
+    from .plots import PLOT_HINT, sensitivity_plot
+    from .sensitivity import SweepOptions, sensitivity_sweep
+
+    _check_dirs(report_path, markdown_path, plot_path)
+    if kw["calibration"] is None:
+        raise MagpruneError("sensitivity needs calibration data: pass --calibration")
+    cfg = _base_config(config_path).with_overrides(exclude=exclude, min_numel=min_numel,
+                                                   include_overridable=include_overridable)
+    options = SweepOptions(levels=kw["levels"], metric=kw["metric"], output=drift_output,
+                           label_output=kw["label_output"], runtime=_runtime(kw), jobs=kw["jobs"],
+                           groups=kw["groups"], quiet=quiet)
+    report = sensitivity_sweep(model, kw["calibration"], config=cfg, options=options, labels=kw["labels"],
+                               max_samples=kw["max_samples"])
+    if plot_path:
+        written = sensitivity_plot(report.curves, plot_path, report.metric)
+        report.plots = {"sensitivity": written} if written else None
+        if written is None:
+            report.notes.append(PLOT_HINT)
+    if report_path:
+        write_text_atomic(report_path, report.to_json())
+    if markdown_path:
+        write_text_atomic(markdown_path, report.to_markdown(markdown_path))
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    elif not quiet:
+        click.echo(report.format_table())
+    if plot_path and report.plots is None:
+        click.echo(PLOT_HINT, err=True)
 
 
 def run() -> None:  # console-script entry point

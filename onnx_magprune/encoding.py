@@ -11,13 +11,18 @@ Formats (one enum, encoders behind a small registry):
   1 - itemsize/(itemsize + 8) sparsity (66.7% for float32);
 * ``sparse-int32``: the same with INT32 indices: smaller (above 50% for
   float32) and ONNX Runtime loads it, but onnx.checker rejects it;
-* ``auto``: per tensor, the smaller of ``dense`` and ``sparse`` (never larger
-  than dense, always checker-valid).
+* ``compact``: the non-zero values plus packed gap codes and a small decoder
+  of standard ONNX ops (:mod:`compact_code`, :mod:`compact_graph`) that ONNX
+  Runtime constant-folds when it creates a session, so the optimized graph
+  holds the ordinary dense weight; ``objective`` picks the code per tensor
+  (smallest file, fastest start, or the fastest start near the bound);
+* ``auto``: per tensor, the smallest of ``dense``, ``sparse`` and ``compact``
+  (never larger than dense, always checker-valid).
 
-ONNX Runtime densifies sparse initializers when it loads a model: these
-formats cut file and download size, not inference time or memory.  Entries
-whose bits are not all zero (``-0.0`` included) are kept as values, so
-decoding is bit-exact.
+ONNX Runtime densifies sparse initializers and folds compact decoders when it
+loads a model: these formats cut file and download size, not inference time
+or memory.  Entries whose bits are not all zero (``-0.0`` included) are kept
+as values, so decoding is bit-exact.
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
+from . import compact_choice, compact_code, compact_graph
+from .compact_code import Objective
 from .errors import ConfigError, MagpruneError
 from .external_data import uses_external_data
+from .model_io import iter_graphs
 from .tensor_data import FLOAT_TYPES, TensorStore, np_dtype, numel
 
 
@@ -39,6 +47,7 @@ class Format(str, enum.Enum):
     DENSE = "dense"
     SPARSE = "sparse"
     SPARSE_INT32 = "sparse-int32"
+    COMPACT = "compact"
     AUTO = "auto"
 
 
@@ -49,14 +58,28 @@ def parse_format(value) -> Format:
         raise ConfigError(f"format must be one of {', '.join(f.value for f in Format)}, got {value!r}") from None
 
 
+def parse_objective(value) -> Objective:
+    try:
+        return Objective(value)
+    except ValueError:
+        raise ConfigError(f"optimize-for must be one of {', '.join(o.value for o in Objective)}, "
+                          f"got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Encoded:
-    """One tensor's encoding: the format chosen and its bytes before/after."""
+    """One tensor's encoding: the format chosen, its bytes before/after (data bytes:
+    values and indices or codes; a compact tensor's decoder nodes and small constants are
+    in ``overhead_bytes``), the information bound, and why a format was not used."""
 
     name: str
     format: str
     dense_bytes: int
     encoded_bytes: int
+    bound_bytes: float | None = None
+    overhead_bytes: int = 0
+    code: str | None = None      # compact: which code (planes, symbols, mode)
+    note: str | None = None      # why the asked-for format was not used
 
 
 def _nonzero_positions(array: np.ndarray) -> np.ndarray:
@@ -78,8 +101,6 @@ def to_sparse(tensor: TensorProto, array: np.ndarray, index_type: int) -> onnx.S
 
 def sparse_to_dense(sparse: onnx.SparseTensorProto) -> TensorProto:
     """The dense TensorProto a SparseTensorProto stands for (bit-exact, +0.0 elsewhere)."""
-    from onnx import numpy_helper
-
     values = numpy_helper.to_array(sparse.values).reshape(-1)
     indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
     shape = tuple(sparse.dims)
@@ -111,37 +132,62 @@ _INDEX_TYPE: dict[Format, int] = {Format.SPARSE: TensorProto.INT64, Format.SPARS
 
 def _graph_holding(model: onnx.ModelProto, tensor: TensorProto):
     """The GraphProto whose initializer list holds ``tensor``, or None."""
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
-        if any(t is tensor for t in g.initializer):
-            return g
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    stack.append(attr.g)
-                stack.extend(attr.graphs)
+    return next((g for g in iter_graphs(model) if any(t is tensor for t in g.initializer)), None)
+
+
+def _compact_blocker(model: onnx.ModelProto, tensor: TensorProto, in_function: bool) -> str | None:
+    """Why ``tensor`` cannot be stored compact, or None."""
+    if in_function:
+        return "compact: weights inside local functions stay as they are (functions have no initializers)"
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < compact_graph.MIN_OPSET:
+        return f"compact: the model's opset {opset} is below {compact_graph.MIN_OPSET} (CumSum, Range)"
+    if tensor.data_type == TensorProto.BFLOAT16 and opset < 13:
+        return "compact: bfloat16 needs opset 13 (Cast to and from bfloat16)"
+    itemsize = 4 if tensor.data_type == TensorProto.BFLOAT16 else np_dtype(tensor.data_type).itemsize
+    if numel(tensor) * itemsize > compact_graph.FOLD_LIMIT_BYTES:
+        return ("compact: the decoded tensor would exceed ONNX Runtime's 1 GiB constant-folding limit, "
+                "so its decoder would run on every inference")
     return None
 
 
-def _constant_node_of(model: onnx.ModelProto, tensor: TensorProto):
-    stack = [model.graph] + [f for f in model.functions]
-    while stack:
-        g = stack.pop()
+def _serialized(decoder: compact_graph.Decoder, code: compact_code.CompactTensor) -> int:
+    """Bytes the decoder adds besides the codes and values (its nodes and small constants)."""
+    small = sum(t.ByteSize() for t in decoder.initializers) - code.nbytes
+    return small + sum(n.ByteSize() for n in decoder.nodes)
+
+
+def _site(model: onnx.ModelProto, tensor: TensorProto):
+    """(graph, initializer?, constant node, in a function?) of where ``tensor`` is stored."""
+    graph = _graph_holding(model, tensor)
+    if graph is not None:
+        return graph, True, None, False
+    for in_function in (False, True):  # the main graph and its subgraphs first, then local functions too
+        for g in iter_graphs(model, functions=in_function):
+            for node in g.node:
+                if node.op_type == "Constant" and any(a.HasField("t") and a.t is tensor for a in node.attribute):
+                    return g, False, node, in_function
+    return None, False, None, False
+
+
+def _value_names(model: onnx.ModelProto) -> set[str]:
+    names = set()
+    for g in iter_graphs(model, functions=True):
+        names.update(t.name for t in getattr(g, "initializer", []))
+        for v in list(g.input) + list(g.output):
+            names.add(v if isinstance(v, str) else v.name)
         for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t") and attr.t is tensor and node.op_type == "Constant":
-                    return node, attr
-                if attr.HasField("g"):
-                    stack.append(attr.g)
-                stack.extend(attr.graphs)
-    return None, None
+            names.update(node.input)
+            names.update(node.output)
+    return names
 
 
 def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Format, store: TensorStore,
-                   overridable: Callable[[str], bool] = lambda _n: False) -> list[Encoded]:
+                   overridable: Callable[[str], bool] = lambda _n: False,
+                   objective: Objective = Objective.BALANCED) -> list[Encoded]:
     """Re-encode the given float tensors of ``model`` in place; returns what each became."""
     out = []
+    names: set[str] | None = None
     for tensor in tensors:
         if tensor.data_type not in FLOAT_TYPES:
             continue  # quantized weights stay dense (their zero is the zero point, not 0)
@@ -150,36 +196,126 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
         array = store.read(tensor)
         n, item = numel(tensor), array.dtype.itemsize
         nnz = int(_nonzero_positions(array).size)
-        chosen = choose(fmt, n, nnz, item)
         sizes = _sizes(n, nnz, item)
+        bound = compact_code.bound_bytes(n, nnz, item)
+        dense = Encoded(tensor.name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound)
+        graph, is_initializer, const_node, in_function = _site(model, tensor)
+        if graph is None:  # pragma: no cover - every weight is an initializer or a Constant
+            raise MagpruneError(f"cannot find where tensor '{tensor.name}' is stored")
+        if is_initializer and (overridable(tensor.name) or any(i.name == tensor.name for i in graph.input)):
+            out.append(dense)  # an overridable initializer must stay a plain initializer
+            continue
+        if fmt is Format.DENSE:
+            out.append(dense)
+            continue
+        compact = None
+        note = None
+        if fmt in (Format.COMPACT, Format.AUTO) and n > 0:
+            note = _compact_blocker(model, tensor, in_function)
+            if note is None:
+                if names is None:
+                    names = _value_names(model)
+                shaped = array.reshape(tuple(tensor.dims))
+                code = compact_code.encode(shaped, compact_choice.choose(shaped, objective).alphabet)
+                if compact_graph.largest_intermediate(code) > compact_graph.FOLD_LIMIT_BYTES:
+                    note = ("compact: a decoder intermediate would exceed ONNX Runtime's 1 GiB constant-folding "
+                            "limit, so the decoder would run on every inference")
+                else:
+                    decoder = compact_graph.decoder(code, tensor.name, tensor.data_type, names)
+                    compact = (code, decoder, _serialized(decoder, code))
+        if fmt is Format.AUTO:
+            options = [(sizes[Format.DENSE], Format.DENSE), (sizes[Format.SPARSE], Format.SPARSE)]
+            if compact is not None:
+                options.append((compact[0].nbytes + compact[2], Format.COMPACT))
+            chosen = min(options, key=lambda o: o[0])[1]  # ties: the earlier (simpler) format
+            note = None if chosen is not Format.DENSE or compact is not None else note
+        elif fmt is Format.COMPACT:
+            chosen = Format.COMPACT if compact is not None else Format.DENSE
+        else:
+            chosen = fmt
         if chosen is Format.DENSE:
-            out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], sizes[Format.DENSE]))
+            out.append(Encoded(tensor.name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound,
+                               note=note if fmt is not Format.AUTO else None))
+            continue
+        if chosen is Format.COMPACT:
+            code, decoder, overhead = compact
+            _place(graph, tensor, const_node, decoder.nodes, decoder.initializers)
+            names.update(t.name for t in decoder.initializers)
+            names.update(o for nd in decoder.nodes for o in nd.output)
+            a = code.alphabet
+            out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], code.nbytes, bound, overhead,
+                               f"{a.mode.value}, {a.planes} plane(s) x {a.size} symbols, "
+                               f"{a.word_bytes}-byte words"))
             continue
         sparse = to_sparse(tensor, array, _INDEX_TYPE[chosen])
-        graph = _graph_holding(model, tensor)
-        if graph is not None:
-            if overridable(tensor.name) or any(i.name == tensor.name for i in graph.input):
-                out.append(Encoded(tensor.name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE]))
-                continue
+        if const_node is None:
             name = tensor.name
             graph.initializer.remove(tensor)  # other initializers keep their identity
             node = onnx.helper.make_node("Constant", [], [name], name=f"{name}_sparse", sparse_value=sparse)
             graph.node.insert(0, node)
         else:
-            node, attr = _constant_node_of(model, tensor)
-            if node is None:  # pragma: no cover - every weight is an initializer or a Constant
-                raise MagpruneError(f"cannot find where tensor '{tensor.name}' is stored")
-            node.attribute.remove(attr)
-            node.attribute.append(onnx.helper.make_attribute("sparse_value", sparse))
-        out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], sizes[chosen]))
+            attr = next(a for a in const_node.attribute if a.HasField("t") and a.t is tensor)
+            const_node.attribute.remove(attr)
+            const_node.attribute.append(onnx.helper.make_attribute("sparse_value", sparse))
+        out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], sizes[chosen], bound))
     return out
 
 
+def _place(graph, tensor: TensorProto, const_node, nodes: list, initializers: list) -> None:
+    """Put a compact decoder where ``tensor`` was: an initializer's decoder goes at the head
+    of its graph, a Constant's decoder where the Constant was."""
+    if const_node is None:
+        graph.initializer.remove(tensor)
+        at = 0
+    else:
+        at = next(i for i, nd in enumerate(graph.node) if nd is const_node)
+        graph.node.remove(const_node)
+    for i, nd in enumerate(nodes):
+        graph.node.insert(at + i, nd)
+    graph.initializer.extend(initializers)
+
+
+def _decode_compact(graph: onnx.GraphProto) -> int:
+    """Replace the compact decoders of ``graph`` (not its subgraphs) by initializers."""
+    found = compact_graph.find_decoders(graph)
+    if not found:
+        return 0
+    inits = {t.name: t for t in graph.initializer}
+    used_elsewhere = {i for nd in graph.node if compact_graph.weight_of(nd) is None for i in nd.input}
+    for weight, nodes in found.items():
+        inputs = {i for nd in nodes for i in nd.input}
+        consts = {}
+        for name in inputs:
+            if name in inits:
+                consts[name] = numpy_helper.to_array(inits[name]) if inits[name].data_type != TensorProto.BFLOAT16 \
+                    else np.frombuffer(inits[name].raw_data, dtype=np.uint16).reshape(tuple(inits[name].dims)) \
+                    .view(np_dtype(TensorProto.BFLOAT16))
+        try:
+            value = compact_graph.evaluate(nodes, consts, weight)
+        except (KeyError, ValueError) as e:
+            raise MagpruneError(f"cannot decode the compact weight '{weight}': {e}") from e
+        for nd in nodes:
+            graph.node.remove(nd)
+        for name in inputs:
+            if name in inits and name not in used_elsewhere:
+                graph.initializer.remove(inits.pop(name))
+        elem = _elem_type(value)
+        graph.initializer.append(onnx.helper.make_tensor(weight, elem, list(value.shape),
+                                                         np.ascontiguousarray(value).tobytes(), raw=True))
+    return len(found)
+
+
+def _elem_type(value: np.ndarray) -> int:
+    if value.dtype.name == "bfloat16":
+        return TensorProto.BFLOAT16
+    return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+
+
 def decode_model(model: onnx.ModelProto) -> int:
-    """Turn sparse weights back into plain dense ones, in place (bit-exact): sparse
-    initializers and graph-level sparse Constants become initializers, sparse
-    Constants in local functions dense Constants.  Returns how many."""
-    count = 0
+    """Turn sparse and compact weights back into plain dense ones, in place (bit-exact):
+    sparse initializers, graph-level sparse Constants and compact decoders become
+    initializers, sparse Constants in local functions dense Constants.  Returns how many."""
+    count = sum(_decode_compact(g) for g in list(iter_graphs(model)))
     stack = [(model.graph, True)] + [(f, False) for f in model.functions]
     while stack:
         g, is_graph = stack.pop()

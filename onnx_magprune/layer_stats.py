@@ -176,8 +176,17 @@ class StatsModel:
         return result
 
 
-def _stats_proto(model: onnx.ModelProto, fed: Iterable[str], views: Iterable[LinearView]) -> onnx.ModelProto:
-    """A copy of ``model`` whose ``fed`` weights are graph inputs and whose layer inputs are graph outputs."""
+def overridable_proto(model: onnx.ModelProto, fed: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``fed`` weights (top-level initializers or Constant nodes) are
+    overridable initializers: graph inputs that keep their values as defaults, so one session
+    runs the model as it is and with any subset of those weights replaced in the feeds."""
+    return _stats_proto(model, fed, (), defaults=True)
+
+
+def _stats_proto(model: onnx.ModelProto, fed: Iterable[str], views: Iterable[LinearView], *,
+                 defaults: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``fed`` weights are graph inputs and whose layer inputs are graph outputs.
+    With ``defaults`` the weights keep their values as initializers (overridable initializers)."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     graph = proto.graph
@@ -188,17 +197,24 @@ def _stats_proto(model: onnx.ModelProto, fed: Iterable[str], views: Iterable[Lin
         if t.name in fed:
             if t.name not in declared:
                 graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            if defaults:
+                keep.append(t)
         else:
             keep.append(t)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
     nodes = []
     for node in graph.node:
         if node.op_type == "Constant" and node.output and node.output[0] in fed:
             t = next(a.t for a in node.attribute if a.name == "value")
             graph.input.append(onnx.helper.make_tensor_value_info(node.output[0], t.data_type, list(t.dims)))
+            if defaults:
+                init = onnx.TensorProto()
+                init.CopyFrom(t)
+                init.name = node.output[0]
+                keep.append(init)
         else:
             nodes.append(node)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
     del graph.node[:]
     graph.node.extend(nodes)
     outputs = {o.name for o in graph.output}

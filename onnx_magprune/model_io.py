@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import ModelLoadError, OutputError
+from .errors import MagpruneError, ModelLoadError, OutputError
 from .external_data import ExternalRef, external_info, parse_external_ref, resolve_location, uses_external_data
 
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -34,6 +34,7 @@ class LoadedModel:
     proto: onnx.ModelProto
     path: Path | None  # the file it came from
     base_dir: Path | None  # where its external data is resolved
+    data_files: frozenset = frozenset()  # its external data files as loaded (resolved), kept after they are read in
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
@@ -58,7 +59,20 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     except (DecodeError, RuntimeError, ValueError) as e:
         raise ModelLoadError(f"'{path}' is not an ONNX model (protobuf parse failed: {e})") from e
     _check_model_shape(proto, f"'{path}'")
-    return LoadedModel(proto, path, path.parent)
+    return LoadedModel(proto, path, path.parent, _data_files(proto, path.parent))
+
+
+def _data_files(proto: onnx.ModelProto, base_dir: Path) -> frozenset:
+    """The external data files ``proto`` refers to (resolved; bad references are reported later)."""
+    files = set()
+    for t in iter_all_tensors(proto):
+        if uses_external_data(t):
+            location = external_info(t).get("location", "")
+            try:
+                files.add(resolve_location(t.name, location, base_dir))
+            except MagpruneError:
+                continue
+    return frozenset(files)
 
 
 def _check_model_shape(proto: onnx.ModelProto, what: str) -> None:
@@ -97,6 +111,25 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[tuple[onnx.TensorProto, bool
             yield from _graph_tensors(attr.g)
         for g in attr.graphs:
             yield from _graph_tensors(g)
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held by ``node``'s attributes (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def iter_graphs(model: onnx.ModelProto, *, functions: bool = False) -> Iterator:
+    """The main graph and every graph nested in it (and local functions with their subgraphs,
+    when ``functions``), parents before children."""
+    stack = [model.graph] + (list(model.functions) if functions else [])
+    while stack:
+        g = stack.pop(0)
+        yield g
+        for node in g.node:
+            stack.extend(subgraphs(node))
 
 
 def _walk(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
@@ -320,7 +353,7 @@ def stage_model(
     if in_place and not overwrite:
         raise OutputError(f"refusing to overwrite the input model '{output}' (pass --overwrite to allow it)")
     plan = _plan_data_files(loaded, output, in_place) if loaded.base_dir is not None else {}
-    if output.resolve() in plan and not overwrite:
+    if (output.resolve() in plan or output.resolve() in loaded.data_files) and not overwrite:
         raise OutputError(f"refusing to write the output over the input's external data file '{output}' "
                           "(pass --overwrite to allow it)")
     if any((output.parent / loc).resolve() == output.resolve() for loc in plan.values()):
@@ -352,7 +385,11 @@ def stage_repacked(loaded: LoadedModel, output: str | os.PathLike, *, overwrite:
     output = Path(output)
     location = f"{output.name}.data"
     _check_output(output)
+    if output.resolve() in loaded.data_files and not overwrite:
+        raise OutputError(f"refusing to write the output over the input's external data file '{output}' "
+                          "(pass --overwrite to allow it)")
     inputs = {loaded.path.resolve()} if loaded.path is not None else set()
+    inputs |= set(loaded.data_files)
     if loaded.base_dir is not None:
         for t in iter_all_tensors(loaded.proto):
             if uses_external_data(t):

@@ -29,8 +29,12 @@ class TensorReport:
     target_sparsity: float | None
     bounds: list[float] | None = None
     quantization: str | None = None  # e.g. "per-axis (axis 1) via DequantizeLinear"; None for float weights
-    format: str = "dense"  # how the pruned tensor is stored: dense, sparse or sparse-int32
-    stored_bytes: int | None = None  # its bytes in that format (values + indices); None for inspect
+    format: str = "dense"  # how the pruned tensor is stored: dense, sparse, sparse-int32 or compact
+    stored_bytes: int | None = None  # its bytes in that format (values + indices or codes); None for inspect
+    bound_bytes: float | None = None  # information bound: value bytes + numel*H(sparsity)/8
+    overhead_bytes: int | None = None  # compact: the decoder's nodes and small constants
+    code: str | None = None  # compact: which code was chosen
+    format_note: str | None = None  # why the asked-for format was not used for this tensor
     method: dict | None = None  # criterion details (wanda/obs/N:M/output scope): see README
 
 
@@ -66,6 +70,9 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     validation: Any = None  # a ValidationReport when prune ran with calibration data
     method: dict | None = None  # the criterion's options and run (None for plain magnitude)
+    structured: dict | None = None  # --structured: groups removed/skipped (see README); tensors is then empty
+    allocation: dict | None = None  # --target-drift / --allocate sensitivity: sweep, search, chosen sparsities
+    files: dict | None = None  # bytes on disk: input and output, each with its external data files
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +87,9 @@ class PruneReport:
             "totals": asdict(self.totals),
             "notes": list(self.notes),
             "method": self.method,
+            "structured": self.structured,
+            "allocation": self.allocation,
+            "files": self.files,
             "validation": self.validation.to_dict() if self.validation is not None else None,
         }
 
@@ -105,6 +115,14 @@ def _columns(rows: list[list[str]], right: set[int]) -> list[str]:
 
 def _table_lines(report: PruneReport, all_skipped: bool) -> list[str]:
     lines: list[str] = []
+    if report.structured is not None:
+        from .structured_report import structured_lines
+
+        lines += structured_lines(report.structured)
+        lines += [f"note: {n}" for n in report.notes]
+        if report.validation is not None:
+            lines += ["", report.validation.format_table()]
+        return lines
     pruning = report.command == "prune"
     head = ["weight", "op", "shape", "dtype", "numel", "zeros"]
     head += ["sparsity", "threshold", "selection"] if pruning else ["sparsity"]
@@ -122,7 +140,8 @@ def _table_lines(report: PruneReport, all_skipped: bool) -> list[str]:
         else:
             row += [f"{t.sparsity:.2%}"]
         if encoded:
-            row.append(f"{t.format} ({t.stored_bytes:,} B)")
+            bound = f", bound {t.bound_bytes:,.0f} B" if t.bound_bytes is not None and t.format != "dense" else ""
+            row.append(f"{t.format} ({t.stored_bytes:,} B{bound})")
         rows.append(row + [t.where])
     if report.tensors:
         lines += _columns(rows, right={4, 5, 6, 7} if pruning else {4, 5, 6})
@@ -147,6 +166,10 @@ def _table_lines(report: PruneReport, all_skipped: bool) -> list[str]:
         )
     else:
         lines.append(f"zeros already: {_fmt_int(tot.zeros_before)} ({tot.sparsity:.2%})")
+    if report.files and report.files.get("output_bytes") is not None:
+        f = report.files
+        before = f"{_fmt_int(f['input_bytes'])} B -> " if f.get("input_bytes") is not None else ""
+        lines.append(f"on disk (with external data): {before}{_fmt_int(f['output_bytes'])} B")
     lines += [f"note: {n}" for n in report.notes]
     if report.validation is not None:
         lines += ["", report.validation.format_table()]

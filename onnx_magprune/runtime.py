@@ -129,6 +129,10 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
     so.log_severity_level = 3
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
+        # weights go to a side file, so the optimized model is never a >2 GiB protobuf
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    Path(optimized_model_path).name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     return so
 
 

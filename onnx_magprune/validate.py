@@ -22,7 +22,8 @@ from .model_io import load_model
 from .progress import Progress
 from .runtime import ModelRef, RuntimeFailure, available_providers, create_session, output_names, \
     resolve_providers, run
-from .validation_report import Gates, ValidationReport
+from .folding import FoldCheck, decoder_weights, optimized_model_path, unfolded_decoders
+from .validation_report import GateResult, Gates, ValidationReport
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,10 @@ def validate_models(
                                allow_fallback=runtime.allow_fallback, trt_sparsity=runtime.trt_sparsity,
                                device_id=runtime.device_id)
     dense_sess, _ = create_session(dense, choice, threads=runtime.threads)
-    pruned_sess, _ = create_session(pruned, choice, threads=runtime.threads)
+    decoders = decoder_weights(pruned_graph)
+    with optimized_model_path(bool(decoders)) as opt_path:
+        pruned_sess, _ = create_session(pruned, choice, threads=runtime.threads, optimized_model_path=opt_path)
+        fold = FoldCheck(decoders, unfolded_decoders(opt_path)) if decoders else None
     names = output_names(dense_sess)
     drifts = {n: OutputDrift(n) for n in names}
     accuracy: Accuracy | None = None
@@ -141,6 +145,12 @@ def validate_models(
     outputs = [drifts[n].result() for n in names]
     acc = accuracy.result() if accuracy is not None else None
     notes = []
+    gate_results = gates.evaluate(outputs, acc)
+    if fold is not None:
+        gate_results.append(GateResult("compact_decoders_folded", 0, float(len(fold.unfolded)), fold.folded, None))
+        if not fold.folded:
+            notes.append(f"ONNX Runtime did not constant-fold the compact decoder(s) of {', '.join(fold.unfolded)}: "
+                         "they would run on every inference; store those weights dense or sparse")
     if choice.dropped:
         notes.append(f"requested provider(s) {', '.join(choice.dropped)} unavailable: ran without them "
                      "(--allow-fallback)")
@@ -154,9 +164,10 @@ def validate_models(
         batch_size=batch_size,
         outputs=outputs,
         accuracy=acc,
-        gates=gates.evaluate(outputs, acc),
+        gates=gate_results,
         seconds=time.perf_counter() - start,
         notes=notes,
+        decoders=fold.to_dict() if fold is not None else None,
     )
 
 

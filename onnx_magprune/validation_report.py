@@ -96,6 +96,7 @@ class ValidationReport:
     gates: list[GateResult]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    decoders: dict[str, Any] | None = None  # compact decoders in the pruned model and whether ORT folded them
 
     @property
     def passed(self) -> bool:
@@ -117,6 +118,7 @@ class ValidationReport:
             "passed": self.passed,
             "seconds": self.seconds,
             "notes": self.notes,
+            "compact_decoders": self.decoders,
         }
 
     def to_json(self) -> str:

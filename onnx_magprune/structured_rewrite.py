@@ -1,0 +1,88 @@
+"""Rewrite a model so that removed units no longer exist (or are only masked).
+
+``remove`` cuts every tensor of each group along its axis (the producer's
+output columns/channels and bias, every per-channel constant on the chain,
+the consumer's input rows/channels, in blocks after Flatten) and drops the
+stale ``value_info`` of the activations whose channel count changed.
+``mask`` leaves every shape alone and zeroes the consumers' input slices of
+the removed units instead: the reference that the removed model must match.
+Either way, tensors listed in ``values`` (re-fitted consumer weights and
+biases, full size) replace the model's values first.  Tensors keep their
+names, dtypes and storage (``raw_data``); the graph's nodes are untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .structured import UnitGroup
+
+
+def unit_indices(removed: np.ndarray, block: int) -> np.ndarray:
+    """The indices along a cut axis owned by the ``removed`` units (``block`` each)."""
+    removed = np.asarray(removed, dtype=np.int64)
+    return (removed[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+
+
+def _tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    found = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    found.setdefault(node.output[0], a.t)
+    return found
+
+
+def _write(tensor: onnx.TensorProto, array: np.ndarray) -> None:
+    new = numpy_helper.from_array(np.ascontiguousarray(array), tensor.name)
+    new.data_type = tensor.data_type  # bfloat16 and friends keep their ONNX type
+    doc = tensor.doc_string
+    tensor.CopyFrom(new)
+    tensor.doc_string = doc
+
+
+def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]],
+            values: Mapping[str, np.ndarray] | None = None, *, mode: str = "remove") -> onnx.ModelProto:
+    """Apply ``plans`` (each group with the sorted indices of its removed units) to ``model`` in place."""
+    if mode not in ("remove", "mask"):
+        raise ValueError(f"mode must be 'remove' or 'mask', got {mode!r}")
+    values = dict(values or {})
+    protos = _tensors(model)
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for group, removed in plans:
+        removed = np.asarray(removed, dtype=np.int64)
+        if removed.size == 0:
+            continue
+        for s in group.shrinks:
+            if mode == "mask" and s.role != "consumer":
+                continue
+            cuts.setdefault(s.tensor, []).append((s.axis, unit_indices(removed, s.block)))
+    for name in dict.fromkeys(list(values) + list(cuts)):
+        tensor = protos[name]
+        original = numpy_helper.to_array(tensor)
+        array = np.asarray(values[name]).astype(original.dtype) if name in values else original
+        if array.shape != original.shape:
+            raise ValueError(f"new values for '{name}' have shape {array.shape}, expected {original.shape}")
+        for axis, idx in cuts.get(name, []):
+            if mode == "mask":
+                array = array.copy()
+                sl = [slice(None)] * array.ndim
+                sl[axis] = idx
+                array[tuple(sl)] = 0
+            else:
+                array = np.delete(array, idx, axis=axis)
+        _write(tensor, array)
+    if mode == "remove":
+        stale = {t for group, removed in plans if len(removed) for t in group.channel_tensors}
+        keep = [vi for vi in model.graph.value_info if vi.name not in stale]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+    return model
+
+
+__all__ = ["rewrite", "unit_indices"]

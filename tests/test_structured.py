@@ -1,0 +1,330 @@
+"""Structured removal (--structured neurons): groups, skips, exact equivalence with the masked model."""
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import MODELS, make_model, mlp, run_ort, tensor_by_name, vi
+from onnx_magprune.api import prune_model
+from onnx_magprune.cli import main
+from onnx_magprune.config import PruneConfig, Rule
+from onnx_magprune.errors import ConfigError
+from onnx_magprune.methods import MethodOptions
+from onnx_magprune.structured import find_groups
+from onnx_magprune.structured_rewrite import rewrite
+from onnx_magprune.structured_run import StructuredOptions
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # removed vs masked: the same sums without the zero terms (float32 rounding)
+S = StructuredOptions()
+
+
+def _init(a, name):
+    return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+
+def _w(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def ffn(gelu="erf", hidden=16, width=8):
+    """PyTorch's FFN export: MatMul -> Add(bias, x) -> Gelu -> MatMul -> Add, then a residual Add."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="up"),
+             helper.make_node("Add", ["b1", "m1"], ["h"], name="up_bias")]
+    consts = [helper.make_node("Constant", [], [n], value=helper.make_tensor(n, TensorProto.FLOAT, [], [v]))
+              for n, v in (("half", 0.5), ("one", 1.0), ("sqrt2", 1.4142135), ("c3", 0.044715), ("k", 0.7978846),
+                           ("three", 3.0))]
+    if gelu == "erf":
+        nodes += [helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+                  helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["g0"]),
+                  helper.make_node("Mul", ["g0", "half"], ["g"])]
+    else:  # tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        nodes += [helper.make_node("Pow", ["h", "three"], ["h3"]), helper.make_node("Mul", ["h3", "c3"], ["h3c"]),
+                  helper.make_node("Add", ["h", "h3c"], ["inner"]), helper.make_node("Mul", ["inner", "k"], ["ik"]),
+                  helper.make_node("Tanh", ["ik"], ["t"]), helper.make_node("Add", ["t", "one"], ["t1"]),
+                  helper.make_node("Mul", ["h", "t1"], ["g0"]), helper.make_node("Mul", ["g0", "half"], ["g"])]
+    nodes += [helper.make_node("MatMul", ["g", "W2"], ["m2"], name="down"),
+              helper.make_node("Add", ["b2", "m2"], ["f"], name="down_bias"),
+              helper.make_node("Add", ["f", "x"], ["y"], name="residual")]
+    inits = [_init(_w((width, hidden), 1), "W1"), _init(_w((hidden,), 2), "b1"),
+             _init(_w((hidden, width), 3), "W2"), _init(_w((width,), 4), "b2")]
+    return make_model(consts + nodes, [vi("x", ["B", "T", width])], [vi("y", ["B", "T", width])], inits)
+
+
+def cnn():
+    """Conv -> BatchNormalization -> Relu -> Conv -> Relu -> MaxPool -> Flatten -> Gemm(transB=1) -> Relu -> Gemm."""
+    nodes = [helper.make_node("Conv", ["x", "C1", "c1b"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("BatchNormalization", ["a", "g", "be", "mu", "var"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("Conv", ["r", "C2", "c2b"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["fl"], axis=1),
+             helper.make_node("Gemm", ["fl", "F1", "f1b"], ["h"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("Gemm", ["hr", "F2", "f2b"], ["logits"], transB=1, name="fc2")]
+    rng = np.random.default_rng(5)
+    inits = [_init(_w((6, 2, 3, 3), 1), "C1"), _init(_w((6,), 2), "c1b"),
+             _init(rng.uniform(0.5, 1.5, 6), "g"), _init(_w((6,), 3), "be"), _init(_w((6,), 4), "mu"),
+             _init(rng.uniform(0.5, 2.0, 6), "var"),
+             _init(_w((8, 6, 3, 3), 6), "C2"), _init(_w((8,), 7), "c2b"),
+             _init(_w((12, 8 * 4 * 4), 8), "F1"), _init(_w((12,), 9), "f1b"),
+             _init(_w((5, 12), 10), "F2"), _init(_w((5,), 11), "f2b")]
+    return make_model(nodes, [vi("x", ["N", 2, 8, 8])], [vi("logits", ["N", 5])], inits)
+
+
+def _masked(model, rep):
+    """The masked-but-not-removed reference, built independently: consumer input slices of removed units zeroed."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    groups, _ = find_groups(m)
+    by_producer = {g.producer: g for g in groups}
+    plans = [(by_producer[g["producer"]], np.array(g["removed_units"], dtype=np.int64))
+             for g in rep.structured["groups"]]
+    return rewrite(m, plans, mode="mask")
+
+
+def _check_equal(model, pruned, rep, feeds):
+    masked = _masked(model, rep)
+    for a, b in zip(run_ort(masked, feeds), run_ort(pruned, feeds)):
+        np.testing.assert_allclose(b, a, **TOL)
+    onnx.checker.check_model(pruned, full_check=True)
+
+
+# --- patterns: removed == masked -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_mlp_chain_removed_matches_masked(scope):
+    model = mlp((8, 16, 12, 4))
+    pruned, rep = prune_model(model, 0.5, scope, structured=S, min_numel=0)
+    groups = rep.structured["groups"]
+    assert [g["producer"] for g in groups] == ["W0", "W1"]
+    assert sum(g["units_before"] - g["units_after"] for g in groups) == 14  # round(0.5 * 28)
+    if scope == "local":
+        assert tensor_by_name(pruned, "W0").shape == (8, 8) and tensor_by_name(pruned, "b0").shape == (8,)
+        assert tensor_by_name(pruned, "W1").shape == (8, 6) and tensor_by_name(pruned, "W2").shape == (6, 4)
+    assert [(s["producer"], s["reason"]) for s in rep.structured["skipped"]] == [
+        ("W2", "it reaches the graph output 'y'")]
+    x = _w((5, 8), 42)
+    _check_equal(model, pruned, rep, {"x": x})
+
+
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+def test_pytorch_ffn_removed_matches_masked(gelu):
+    model = ffn(gelu)
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    (g,) = rep.structured["groups"]
+    assert g["producer"] == "W1" and g["consumers"] == ["W2"] and g["units_before"] == 16 and g["units_after"] == 8
+    assert set(g["tensors"]) == {"W1", "b1", "W2"}
+    assert tensor_by_name(pruned, "W1").shape == (8, 8) and tensor_by_name(pruned, "b1").shape == (8,)
+    assert tensor_by_name(pruned, "W2").shape == (8, 8)
+    assert g["params_before"] == 8 * 16 + 16 + 16 * 8 and g["params_after"] == 8 * 8 + 8 + 8 * 8
+    reasons = {s["producer"]: s["reason"] for s in rep.structured["skipped"]}
+    assert reasons == {"W2": "it reaches a residual Add 'residual' with another branch ('x')"}
+    _check_equal(model, pruned, rep, {"x": _w((2, 3, 8), 7)})
+
+
+def test_conv_bn_relu_conv_and_flatten_gemm_match_masked():
+    model = cnn()
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    got = {g["producer"]: (g["units_before"], g["units_after"], g["chain"]) for g in rep.structured["groups"]}
+    assert got == {"C1": (6, 3, ["BatchNormalization", "Relu"]), "C2": (8, 4, ["Relu", "MaxPool", "Flatten"]),
+                   "F1": (12, 6, ["Relu"])}
+    assert tensor_by_name(pruned, "C1").shape == (3, 2, 3, 3) and tensor_by_name(pruned, "var").shape == (3,)
+    assert tensor_by_name(pruned, "C2").shape == (4, 3, 3, 3)
+    assert tensor_by_name(pruned, "F1").shape == (6, 4 * 16)  # Flatten: 16 features per channel
+    assert tensor_by_name(pruned, "F2").shape == (5, 6)  # Gemm transB=1: input dim is axis 1
+    assert rep.structured["skipped"] == [{"producer": "F2", "producer_op": "Gemm", "units": 5,
+                                          "reason": "it reaches the graph output 'logits'"}]
+    _check_equal(model, pruned, rep, {"x": _w((3, 2, 8, 8), 9)})
+
+
+def test_gemm_transb_removal_cuts_the_right_axes():
+    W = _w((6, 4), 1)  # Gemm transB=1: [out, in]
+    V = _w((3, 6), 2)
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["h"], transB=1),
+             helper.make_node("Sigmoid", ["h"], ["s"]),
+             helper.make_node("Gemm", ["s", "V"], ["y"], transB=1)]
+    model = make_model(nodes, [vi("x", ["N", 4])], [vi("y", ["N", 3])],
+                       [_init(W, "W"), _init(_w((6,), 3), "b"), _init(V, "V")])
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    removed = rep.structured["groups"][0]["removed_units"]
+    kept = [i for i in range(6) if i not in removed]
+    np.testing.assert_array_equal(tensor_by_name(pruned, "W"), W[kept])
+    np.testing.assert_array_equal(tensor_by_name(pruned, "V"), V[:, kept])
+    norms = np.linalg.norm(W, axis=1)
+    assert sorted(removed) == sorted(np.argsort(norms, kind="stable")[:3].tolist())
+    _check_equal(model, pruned, rep, {"x": _w((4, 4), 5)})
+
+
+def test_l1_norm_ranks_by_absolute_sum():
+    W = np.array([[3.0, 0.1, 1.0, 1.0], [0.0, 0.1, 1.0, 1.0], [0.0, 2.0, 1.0, -1.0]], np.float32)  # [in 3, out 4]
+    # unit 0: l1 3, l2 3; unit 1: l1 2.2, l2 ~2.0; unit 2: l1 3, l2 1.73; unit 3: l1 3, l2 1.73
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "V"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 3])], [vi("y", ["N", 2])], [_init(W, "W"), _init(_w((4, 2), 1), "V")])
+    _, l1 = prune_model(model, 0.25, "local", structured=StructuredOptions(norm="l1"), min_numel=0)
+    _, l2 = prune_model(model, 0.25, "local", structured=StructuredOptions(norm="l2"), min_numel=0)
+    assert l1.structured["groups"][0]["removed_units"] == [1]
+    assert l2.structured["groups"][0]["removed_units"] == [2]  # ties (2, 3) break to the lower index
+
+
+# --- skips -------------------------------------------------------------------------------------------
+
+
+def _one(nodes, inits, outputs=("y",), inputs=(("x", ["N", 4]),)):
+    model = make_model(nodes, [vi(n, s) for n, s in inputs], [vi(o, None) for o in outputs], inits)
+    groups, skipped = find_groups(model)
+    return {g.producer for g in groups}, {s.producer: s.reason for s in skipped}
+
+
+def test_skip_reasons_are_exact():
+    W, V = _init(_w((4, 6), 1), "W"), _init(_w((6, 4), 2), "V")
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 2, 3])
+    cases = {
+        "reshape": ([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["y"],
+                                                                                          name="heads")],
+                    [W, shape], "it reaches Reshape 'heads' (e.g. a split into attention heads): the channel layout "
+                                "changes"),
+        "concat": ([helper.make_node("MatMul", ["x", "W"], ["h"]),
+                    helper.make_node("Concat", ["h", "h"], ["c"], axis=-1, name="cat"),
+                    helper.make_node("MatMul", ["c", "V2"], ["y"])],
+                   [W, _init(_w((12, 4), 3), "V2")], "it reaches Concat 'cat': other tensors share its channel axis"),
+        "split": ([helper.make_node("MatMul", ["x", "W"], ["h"]),
+                   helper.make_node("Split", ["h"], ["y", "y2"], axis=-1, num_outputs=2, name="sp")],
+                  [W], "it reaches Split 'sp': it cuts the channel axis at fixed sizes"),
+        "output": ([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                   [W], "it reaches the graph output 'y'"),
+        "residual": ([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("MatMul", ["x", "W3"], ["k"]),
+                      helper.make_node("Add", ["h", "k"], ["s"], name="res"),
+                      helper.make_node("MatMul", ["s", "V"], ["y"])],
+                     [W, _init(_w((4, 6), 4), "W3"), V], "it reaches a residual Add 'res' with another branch ('k')"),
+        "shape": ([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Shape", ["h"], ["sh"], name="s"),
+                   helper.make_node("MatMul", ["h", "V"], ["y"])], [W, V], "its shape is read by Shape 's'"),
+    }
+    for name, (nodes, inits, reason) in cases.items():
+        outputs = ("y", "y2") if name == "split" else ("y", "sh") if name == "shape" else ("y",)
+        model = make_model(nodes, [vi("x", ["N", 4])], [vi(o, None) for o in outputs], inits, opset=18)
+        _groups, skipped = find_groups(model)
+        assert {s.producer: s.reason for s in skipped}["W"] == reason, name
+
+
+def test_shared_weights_and_constants_are_skipped():
+    W, V = _init(_w((4, 6), 1), "W"), _init(_w((6, 4), 2), "V")
+    shared = make_model([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("MatMul", ["x", "W"], ["h2"]),
+                         helper.make_node("Add", ["h", "h2"], ["s"]), helper.make_node("MatMul", ["s", "V"], ["y"])],
+                        [vi("x", ["N", 4])], [vi("y", None)], [W, V])
+    _g, skipped = find_groups(shared)
+    assert skipped[0].reason == "its weight 'W' is shared by 2 ops"
+    scale = _init(_w((6,), 5), "scale")
+    two = make_model([helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "scale"], ["a"]),
+                      helper.make_node("MatMul", ["a", "V"], ["y"]), helper.make_node("MatMul", ["x", "W4"], ["k"]),
+                      helper.make_node("Mul", ["k", "scale"], ["y2"])],
+                     [vi("x", ["N", 4])], [vi("y", None), vi("y2", None)], [W, V, scale, _init(_w((4, 6), 6), "W4")])
+    groups, skipped = find_groups(two)
+    assert not groups
+    assert {s.producer: s.reason for s in skipped}["W"] == (
+        "the per-channel constant 'scale' is also read by Mul input 1")
+
+
+def test_subgraph_use_is_skipped():
+    W, V = _init(_w((4, 6), 1), "W"), _init(_w((6, 4), 2), "V")
+    branch = helper.make_graph([helper.make_node("MatMul", ["h", "V"], ["z"])], "then", [], [vi("z", None)])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)]
+    model = make_model(nodes, [vi("x", ["N", 4]), vi("cond", [], TensorProto.BOOL)], [vi("y", None)], [W, V])
+    _g, skipped = find_groups(model)
+    assert skipped[0].reason.startswith("'h' is read inside a subgraph")
+
+
+# --- config, counts, determinism -------------------------------------------------------------------
+
+
+def test_min_units_and_global_vs_local_counts():
+    model = mlp((8, 16, 12, 4))
+    _, rep = prune_model(model, 0.9, "local", structured=StructuredOptions(min_units=3), min_numel=0)
+    assert [g["units_after"] for g in rep.structured["groups"]] == [3, 3]  # round(0.9*16)=14 capped at 13, 11 -> 9
+    _, glob = prune_model(model, 0.5, "global", structured=S, min_numel=0)
+    assert sum(g["units_before"] - g["units_after"] for g in glob.structured["groups"]) == 14
+    assert all(g["selection"] == "global" for g in glob.structured["groups"])
+
+
+def test_exclusions_and_fixed_rules_are_honoured():
+    model = mlp((8, 16, 12, 4))
+    _, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0, exclude=["W0"])
+    assert [g["producer"] for g in rep.structured["groups"]] == ["W1"]
+    reasons = {s["producer"]: s["reason"] for s in rep.structured["skipped"]}
+    assert reasons["W0"] == "excluded by --exclude (name='W0')"
+    _, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0, exclude=["W2"])
+    reasons = {s["producer"]: s["reason"] for s in rep.structured["skipped"]}
+    assert reasons["W1"] == "its consumer weight 'W2' is excluded by --exclude (name='W2')"
+    cfg = PruneConfig(rules=(Rule(name="W1", sparsity=0.25),))
+    _, rep = prune_model(model, 0.5, "local", config=cfg, structured=S, min_numel=0)
+    by = {g["producer"]: g for g in rep.structured["groups"]}
+    assert by["W1"]["selection"] == "fixed" and by["W1"]["units_after"] == 9 and by["W0"]["units_after"] == 8
+
+
+def test_bad_options_are_config_errors():
+    model = mlp()
+    with pytest.raises(ConfigError, match="no sparsity"):
+        prune_model(model, structured=S)
+    with pytest.raises(ConfigError, match="--scope output"):
+        prune_model(model, 0.5, "output", structured=S)
+    with pytest.raises(ConfigError, match="--pattern"):
+        prune_model(model, 0.5, structured=S, method=MethodOptions(pattern="2:4"))
+    with pytest.raises(ConfigError, match="dense"):
+        prune_model(model, 0.5, structured=S, format="sparse")
+    with pytest.raises(ConfigError, match="norm"):
+        StructuredOptions(norm="l3")
+    with pytest.raises(ConfigError, match="min_units"):
+        StructuredOptions(min_units=0)
+
+
+def test_cli_end_to_end_is_deterministic_and_leaves_input_alone(tmp_path):
+    src = MODELS / "digits_mlp.onnx"
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"o{i}.onnx"
+        r = CliRunner().invoke(main, ["prune", str(src), "-o", str(out), "--structured", "neurons",
+                                      "--sparsity", "0.5", "--scope", "local", "--json"])
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    import json
+
+    rep = json.loads(r.output)
+    t = rep["structured"]["totals"]
+    assert t["units_before"] == 384 and t["units_after"] == 192 and t["params_after"] < t["params_before"]
+    assert t["model_bytes_after"] < t["model_bytes_before"]
+    assert rep["tensors"] == []
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "o.onnx"
+    r = CliRunner().invoke(main, ["prune", str(MODELS / "digits_mlp.onnx"), "-o", str(out), "--structured",
+                                  "neurons", "--sparsity", "0.5", "--pattern", "2:4"])
+    assert r.exit_code == 2 and "pick one" in r.output and not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_is_rewritten_into_a_fresh_data_file(tmp_path):
+    model = cnn()
+    src = tmp_path / "in.onnx"
+    onnx.save(cnn(), src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.data",
+              size_threshold=0)
+    data_before = (tmp_path / "in.data").read_bytes()
+    out = tmp_path / "out.onnx"
+    from onnx_magprune.api import prune_file
+
+    rep = prune_file(src, out, 0.5, "local", structured=S, min_numel=0)
+    assert (tmp_path / "in.data").read_bytes() == data_before
+    assert (tmp_path / "out.onnx.data").exists()
+    pruned = onnx.load(out)
+    assert tensor_by_name(pruned, "C2").shape == (4, 3, 3, 3)
+    _check_equal(model, pruned, rep, {"x": _w((2, 2, 8, 8), 3)})
