@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from dataclasses import replace
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import onnx
 
@@ -31,13 +31,17 @@ from .model_io import (
 from .discovery import Skipped
 from .calibrated import run_calibrated
 from .calibration import open_calibration, split_holdout
-from .encoding import Format, Objective, decode_model, encode_tensors, parse_format, parse_objective
+from .encoding import Format, Objective, decode_compact, decode_model, encode_tensors, parse_format, parse_objective
 from .methods import MethodOptions
 from .planning import apply_rules, apply_target, load_values, plan_targets, shared_external_bytes
 from .report import PruneReport, SkippedReport, TensorReport, Totals
 from .selection import DEFAULT_PARAMS, ApplyStats, SelectionParams, count_zeros
 from .tensor_data import TensorStore, dtype_name, numel
 from .validate import ValidationRequest
+
+if TYPE_CHECKING:  # imported lazily at run time (they import this module's neighbours)
+    from .allocation_search import AllocationOptions
+    from .structured_run import StructuredOptions
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 
@@ -65,7 +69,7 @@ def _load(source: ModelSource) -> LoadedModel:
     loaded = load_model(source)
     if decoder_weights(loaded.proto):
         internalize_external_data(loaded)
-        decode_model(loaded.proto)
+        decode_compact(loaded.proto)  # sparse weights stay as they are (skipped, with their reason)
     return loaded
 
 
@@ -80,6 +84,11 @@ def _files(loaded: LoadedModel, staged) -> dict:
     outputs = [staged.output.parent / rel for rel in staged.files]
     return {"input_bytes": sum(size(p) for p in inputs) if loaded.path is not None else None,
             "input_files": len(inputs), "output_bytes": sum(size(p) for p in outputs), "output_files": len(outputs)}
+
+
+def _external(loaded: LoadedModel) -> bool:
+    """Whether the input keeps (or kept, before it was read in) weights in external data files."""
+    return bool(loaded.data_files) or _has_external_data(loaded)
 
 
 def _has_external_data(loaded: LoadedModel) -> bool:
@@ -354,20 +363,22 @@ def prune_file(
     objective = parse_objective(options.pop("optimize_for", "balanced"))
     loaded = _load(source)
     cfg = _config(config, sparsity=sparsity, scope=scope, **options)
-    repack = fmt is not Format.DENSE and _has_external_data(loaded)
+    # external data stays external; once read in (compact weights decoded at load) it goes to a fresh file
+    external = _external(loaded)
+    repack = external and (fmt is not Format.DENSE or not _has_external_data(loaded))
     fit, validation, where = _statistics(loaded, method, validation)
     _check_allocation(structured, allocation)
-    if fit is not None and _has_external_data(loaded):  # the statistics model runs from memory
+    if fit is not None and external:  # the statistics model runs from memory
         internalize_external_data(loaded)
         repack = True
-    if allocation is not None and allocation.active and _has_external_data(loaded):  # the search runs from memory
+    if allocation is not None and allocation.active and external:  # the search runs from memory
         repack = True
     if repack:  # re-encoding changes which bytes are needed: read everything, write a fresh data file
         internalize_external_data(loaded)
     cfg, alloc, validation = _allocated(loaded, cfg, method, allocation, validation)
     store = TensorStore(loaded.base_dir if not repack else None)
     if structured is not None:  # shapes change: the whole model is rewritten in memory
-        repack = repack or _has_external_data(loaded)
+        repack = repack or external
         run = _structured(loaded, cfg, structured, method, fit, where, fmt, str(output))
     else:
         run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=not repack, method=method,
@@ -410,7 +421,7 @@ def encode_file(source: str | os.PathLike, output: str | os.PathLike, fmt: Forma
     objective = parse_objective(options.pop("optimize_for", "balanced"))
     loaded = _load(source)
     cfg = _config(None, sparsity=0.0, **options)
-    repack = _has_external_data(loaded)
+    repack = _external(loaded)
     if repack:
         internalize_external_data(loaded)
     run = _Run(loaded, TensorStore(None if repack else loaded.base_dir), cfg, DEFAULT_PARAMS, prune=True,
@@ -426,7 +437,8 @@ def encode_file(source: str | os.PathLike, output: str | os.PathLike, fmt: Forma
 
 
 def decode_file(source: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> int:
-    """Turn sparse initializers and sparse Constants back into plain dense tensors (bit-exact)."""
+    """Turn sparse initializers, sparse Constants and compact weights back into plain dense tensors
+    (bit-exact)."""
     loaded = load_model(source)
     repack = _has_external_data(loaded)
     if repack:

@@ -26,7 +26,8 @@ from . import __version__
 from .calibration import SyntheticSpec, effective_batch, model_inputs, open_calibration
 from .model_io import iter_all_tensors
 from .progress import Progress
-from .folding import FoldCheck, decoder_weights, optimized_model_path, unfolded_decoders
+from .folding import FoldCheck, can_check_in_session, check_on_cpu, decoder_weights, optimized_model_path, \
+    unfolded_decoders
 from .runtime import BoundRunner, ModelRef, ProviderChoice, available_providers, create_session, resolve_providers
 from .tensor_data import FLOAT_TYPES, TensorStore, dtype_name, numel
 from .validate import RuntimeOptions, _graph_of, _label
@@ -220,9 +221,13 @@ def bench_models(
     folds: list[FoldCheck | None] = []
     for m, g in zip(models, graphs):  # untimed: the first creation pays one-off costs (imports, page cache)
         decoders = decoder_weights(g)  # and shows whether ONNX Runtime folded the compact decoders
-        with optimized_model_path(bool(decoders)) as opt:
+        in_session = bool(decoders) and can_check_in_session(choice.providers)
+        with optimized_model_path(in_session) as opt:
             create_session(m, choice, threads=threads, optimized_model_path=opt)
-            folds.append(FoldCheck(decoders, unfolded_decoders(opt)) if decoders else None)
+            folds.append(FoldCheck(decoders, unfolded_decoders(opt), checked_on="the timed provider")
+                         if in_session else None)
+        if decoders and not in_session:
+            folds[-1] = FoldCheck(decoders, check_on_cpu(m, threads), checked_on="a separate CPU session")
     for r in range(options.startup_repeats):
         order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
         for i in order:

@@ -46,6 +46,8 @@ def startup_cost(alphabet: Alphabet, fibers: int, k: int, nbytes: int, n: int, i
 
 def candidates(array: np.ndarray) -> list[Estimate]:
     """Every alphabet that can encode ``array``, with its exact size."""
+    if array.size == 0:
+        raise ValueError("an empty tensor has nothing to encode")
     shape = tuple(array.shape)
     n, itemsize = array.size, array.dtype.itemsize
     out = []

@@ -1,8 +1,14 @@
 """The ``compact`` code: a pruned tensor as its non-zero values plus packed
 gap codes (pure numpy; no onnx imports).
 
-The flattened tensor is cut into ``planes`` equal parts (``planes`` divides
-its size).  Each plane is a stream of *entries*: the first sits at the
+The tensor is cut into *fibers*: in the ``planes`` layout the flattened tensor
+in ``planes`` equal parts (described below); in the ``columns`` layout one
+fiber per column along the first axis, entries stored [k, rest of the shape],
+``planes`` symbols of adjacent columns per code word, scattered along axis 0
+straight into the tensor's shape (no Reshape; filler mode only).
+
+In the planes layout the flattened tensor is cut into ``planes`` equal parts
+(``planes`` divides its size).  Each plane is a stream of *entries*: the first sits at the
 plane's position 0 and each entry's *symbol* says how far the next one is
 (0: the same position).  Symbols are packed ``planes`` to a code word (one
 or two bytes), plane r in digit r (base ``size``), so one lookup-table Gather
@@ -341,6 +347,8 @@ def encoded_nbytes(g: _Gaps, alphabet: Alphabet, itemsize: int) -> tuple[int, in
 def encode(array: np.ndarray, alphabet: Alphabet) -> CompactTensor:
     """Encode ``array`` (any float dtype and shape; its size divisible by ``alphabet.planes``) exactly."""
     shape = tuple(array.shape)
+    if array.size == 0:
+        raise ValueError("an empty tensor has nothing to encode")
     if not alphabet.fits(shape):
         raise ValueError(f"a tensor of shape {shape} does not fit {alphabet}")
     flat = fiber_major(array, alphabet.layout)

@@ -1,8 +1,8 @@
 """The ``compact`` decoder as ONNX nodes, and the way back.
 
 :func:`decoder` turns a :class:`~onnx_magprune.compact_code.CompactTensor`
-into a few standard ONNX ops (Cast, Gather, Reshape, CumSum, Sub, Mul,
-ConstantOfShape, ScatterElements) whose inputs are all constants, so ONNX
+into a few standard ONNX ops (Cast, Range, Div, Mod, Gather, Reshape, CumSum,
+Add, Mul, ConstantOfShape, ScatterElements) whose inputs are all constants, so ONNX
 Runtime constant-folds them when it creates a session: the optimized graph
 holds the ordinary dense weight.  Every decoder node is named
 ``onnx_magprune.compact:<step>:<weight>``, which is how :func:`find_decoders`
@@ -155,12 +155,6 @@ def _np(data_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
 
 
-def _bf16_const(inits: list, name: str, array: np.ndarray) -> str:
-    bits = np.ascontiguousarray(array).view(np.uint16)
-    inits.append(helper.make_tensor(name, TensorProto.BFLOAT16, list(array.shape), bits.tobytes(), raw=True))
-    return name
-
-
 # ---------------------------------------------------------------- the way back
 
 
@@ -206,8 +200,6 @@ def evaluate(nodes: list[onnx.NodeProto], constants: dict[str, np.ndarray], outp
             y = (x[0] % x[1]).astype(x[0].dtype)
         elif op == "Add":
             y = (x[0] + x[1]).astype(x[0].dtype)
-        elif op == "Sub":
-            y = (x[0] - x[1]).astype(x[0].dtype)
         elif op == "Mul":
             y = (x[0] * x[1]).astype(x[0].dtype)
         elif op == "ConstantOfShape":

@@ -174,6 +174,8 @@ def _value_names(model: onnx.ModelProto) -> set[str]:
     names = set()
     for g in iter_graphs(model, functions=True):
         names.update(t.name for t in getattr(g, "initializer", []))
+        names.update(t.values.name for t in getattr(g, "sparse_initializer", []))
+        names.update(v.name for v in getattr(g, "value_info", []))
         for v in list(g.input) + list(g.output):
             names.add(v if isinstance(v, str) else v.name)
         for node in g.node:
@@ -212,6 +214,9 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
         note = None
         if fmt in (Format.COMPACT, Format.AUTO) and n > 0:
             note = _compact_blocker(model, tensor, in_function)
+            if note is None and tensor.data_type == TensorProto.BFLOAT16 and np.isnan(array.astype(np.float32)).any():
+                note = ("compact: bfloat16 decodes through float32, and ONNX Runtime's Cast back to bfloat16 "
+                        "does not keep NaN payloads")
             if note is None:
                 if names is None:
                     names = _value_names(model)
@@ -228,24 +233,22 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
             if compact is not None:
                 options.append((compact[0].nbytes + compact[2], Format.COMPACT))
             chosen = min(options, key=lambda o: o[0])[1]  # ties: the earlier (simpler) format
-            note = None if chosen is not Format.DENSE or compact is not None else note
+            note = note if compact is None else None  # why compact was not even a candidate
         elif fmt is Format.COMPACT:
             chosen = Format.COMPACT if compact is not None else Format.DENSE
         else:
             chosen = fmt
         if chosen is Format.DENSE:
             out.append(Encoded(tensor.name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound,
-                               note=note if fmt is not Format.AUTO else None))
+                               note=note))
             continue
         if chosen is Format.COMPACT:
             code, decoder, overhead = compact
             _place(graph, tensor, const_node, decoder.nodes, decoder.initializers)
             names.update(t.name for t in decoder.initializers)
             names.update(o for nd in decoder.nodes for o in nd.output)
-            a = code.alphabet
             out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], code.nbytes, bound, overhead,
-                               f"{a.mode.value}, {a.planes} plane(s) x {a.size} symbols, "
-                               f"{a.word_bytes}-byte words"))
+                               _code_label(code)))
             continue
         sparse = to_sparse(tensor, array, _INDEX_TYPE[chosen])
         if const_node is None:
@@ -257,8 +260,14 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
             attr = next(a for a in const_node.attribute if a.HasField("t") and a.t is tensor)
             const_node.attribute.remove(attr)
             const_node.attribute.append(onnx.helper.make_attribute("sparse_value", sparse))
-        out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], sizes[chosen], bound))
+        out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], sizes[chosen], bound, note=note))
     return out
+
+
+def _code_label(code: compact_code.CompactTensor) -> str:
+    a = code.alphabet
+    return (f"{a.mode.value}, {a.layout.value} layout, {code.fibers} fiber(s) x {code.entries} entries, "
+            f"{a.planes} symbol(s) of {a.size} per {a.word_bytes}-byte word")
 
 
 def _place(graph, tensor: TensorProto, const_node, nodes: list, initializers: list) -> None:
@@ -311,11 +320,16 @@ def _elem_type(value: np.ndarray) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
 
 
+def decode_compact(model: onnx.ModelProto) -> int:
+    """Replace every compact decoder (in any graph) by the initializer it rebuilds; returns how many."""
+    return sum(_decode_compact(g) for g in list(iter_graphs(model)))
+
+
 def decode_model(model: onnx.ModelProto) -> int:
     """Turn sparse and compact weights back into plain dense ones, in place (bit-exact):
     sparse initializers, graph-level sparse Constants and compact decoders become
     initializers, sparse Constants in local functions dense Constants.  Returns how many."""
-    count = sum(_decode_compact(g) for g in list(iter_graphs(model)))
+    count = decode_compact(model)
     stack = [(model.graph, True)] + [(f, False) for f in model.functions]
     while stack:
         g, is_graph = stack.pop()

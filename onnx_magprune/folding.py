@@ -28,14 +28,15 @@ class FoldCheck:
     decoders: list[str]
     unfolded: list[str] = field(default_factory=list)
     checked: bool = True
+    checked_on: str = "the validated session"
 
     @property
     def folded(self) -> bool:
         return not self.unfolded
 
     def to_dict(self) -> dict:
-        return {"compact_decoders": len(self.decoders), "checked": self.checked, "folded": self.folded,
-                "unfolded": list(self.unfolded)}
+        return {"compact_decoders": len(self.decoders), "checked": self.checked, "checked_on": self.checked_on,
+                "folded": self.folded, "unfolded": list(self.unfolded)}
 
 
 @contextmanager
@@ -52,3 +53,22 @@ def unfolded_decoders(optimized_path: str) -> list[str]:
     """Weights whose decoder nodes survive in the optimized model ONNX Runtime wrote."""
     model = onnx.load(optimized_path, load_external_data=False)
     return decoder_weights(model)
+
+
+#: providers whose sessions can write their optimized model (others compile nodes, which ONNX Runtime
+#: refuses to serialize): with any other provider the fold check runs in a CPU session of its own
+SERIALIZABLE = ("CPUExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider")
+
+
+def can_check_in_session(providers) -> bool:
+    return all(p in SERIALIZABLE for p in providers)
+
+
+def check_on_cpu(model, threads: int | None = None) -> list[str]:
+    """Create a CPU session only to see which compact decoders ONNX Runtime leaves unfolded."""
+    from .runtime import ProviderChoice, create_session
+
+    with optimized_model_path(True) as path:
+        create_session(model, ProviderChoice(["CPUExecutionProvider"], [{}]), threads=threads,
+                       optimized_model_path=path)
+        return unfolded_decoders(path)

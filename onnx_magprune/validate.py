@@ -22,7 +22,8 @@ from .model_io import load_model
 from .progress import Progress
 from .runtime import ModelRef, RuntimeFailure, available_providers, create_session, output_names, \
     resolve_providers, run
-from .folding import FoldCheck, decoder_weights, optimized_model_path, unfolded_decoders
+from .folding import FoldCheck, can_check_in_session, check_on_cpu, decoder_weights, optimized_model_path, \
+    unfolded_decoders
 from .validation_report import GateResult, Gates, ValidationReport
 
 
@@ -113,9 +114,12 @@ def validate_models(
                                device_id=runtime.device_id)
     dense_sess, _ = create_session(dense, choice, threads=runtime.threads)
     decoders = decoder_weights(pruned_graph)
-    with optimized_model_path(bool(decoders)) as opt_path:
+    in_session = bool(decoders) and can_check_in_session(choice.providers)
+    with optimized_model_path(in_session) as opt_path:
         pruned_sess, _ = create_session(pruned, choice, threads=runtime.threads, optimized_model_path=opt_path)
-        fold = FoldCheck(decoders, unfolded_decoders(opt_path)) if decoders else None
+        fold = FoldCheck(decoders, unfolded_decoders(opt_path)) if in_session else None
+    if decoders and not in_session:  # compiling providers cannot write their optimized model
+        fold = FoldCheck(decoders, check_on_cpu(pruned, runtime.threads), checked_on="a separate CPU session")
     names = output_names(dense_sess)
     drifts = {n: OutputDrift(n) for n in names}
     accuracy: Accuracy | None = None

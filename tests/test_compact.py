@@ -233,7 +233,7 @@ def test_output_is_deterministic_and_validation_reports_folding(tmp_path):
     assert outs[0].read_bytes() == outs[1].read_bytes()
     import json
     rep = json.loads(CliRunner().invoke(main, ["validate", str(src), str(outs[0]), "--json", "-q"]).output)
-    assert rep["compact_decoders"] == {"compact_decoders": 2, "checked": True, "folded": True, "unfolded": []}
+    assert rep["compact_decoders"] == {"compact_decoders": 2, "checked": True, "checked_on": "the validated session", "folded": True, "unfolded": []}
     assert [g["gate"] for g in rep["gates"]] == ["compact_decoders_folded"] and rep["passed"] is True
 
 
@@ -310,7 +310,7 @@ def test_bench_reports_that_the_decoders_were_folded(tmp_path):
     report = bench_models([dense, compact], options=BenchOptions(runs=3, warmup=1, measure_memory=False), quiet=True)
     assert report.models[0]["compact_decoders"] is None
     assert report.models[1]["compact_decoders"] == {"compact_decoders": 2, "checked": True, "folded": True,
-                                                    "unfolded": []}
+                                                    "checked_on": "the timed provider", "unfolded": []}
 
 
 def test_largest_intermediate_counts_entries_and_the_decoded_tensor():
@@ -328,3 +328,63 @@ def test_total_params_count_the_weights_not_their_codes():
     _, dense = mp.prune_model(mlp_model(sparsity=0.0), sparsity=0.9, min_numel=16)
     _, compact = mp.prune_model(mlp_model(sparsity=0.0), sparsity=0.9, min_numel=16, format="compact")
     assert compact.totals.total_params == dense.totals.total_params == 64 * 96 + 96 * 32
+
+
+def test_a_compact_model_with_external_data_keeps_it_external_when_pruned_again(tmp_path):
+    onnx.save_model(mlp_model(sparsity=0.0), tmp_path / "in.onnx", save_as_external_data=True,
+                    location="in.data", size_threshold=0)
+    c1, c2, dn = tmp_path / "c1.onnx", tmp_path / "c2.onnx", tmp_path / "dn.onnx"
+    mp.prune_file(tmp_path / "in.onnx", c1, sparsity=0.8, min_numel=16, format="compact")
+    assert (tmp_path / "c1.onnx.data").exists()
+    mp.prune_file(c1, c2, sparsity=0.9, min_numel=16, format="compact")
+    assert (tmp_path / "c2.onnx.data").exists()
+    report = mp.prune_file(c1, dn, sparsity=0.9, min_numel=16, format="dense")
+    assert report.files["output_files"] == 2 and (tmp_path / "dn.onnx.data").exists()
+    stored = {t.name: t.data_location for t in onnx.load(str(dn), load_external_data=False).graph.initializer}
+    assert stored["W1"] == stored["W2"] == TensorProto.EXTERNAL
+    ref, _ = mp.prune_model(tmp_path / "in.onnx", sparsity=0.9, min_numel=16)
+    x = np.ones((2, 64), np.float32)
+    a, b = (ort.InferenceSession(p if isinstance(p, str) else p.SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for p in (str(dn), ref))
+    assert bits(a) == bits(b)
+
+
+def test_bfloat16_with_nan_stays_out_of_compact_because_the_cast_back_drops_payloads():
+    bits16 = np.zeros((8, 8), np.uint16)
+    bits16[0, :3] = [0x7F81, 0x3F80, 0x4000]  # a NaN with a payload, 1.0, 2.0
+    w = helper.make_tensor("W", TensorProto.BFLOAT16, [8, 8], bits16.tobytes(), raw=True)
+    g = helper.make_graph([helper.make_node("Cast", ["W"], ["y"], to=TensorProto.FLOAT)], "g", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    weight = TensorProto()
+    weight.CopyFrom(w)
+    from onnx_magprune.encoding import Format, encode_tensors
+    from onnx_magprune.tensor_data import TensorStore
+
+    out = encode_tensors(model, [model.graph.initializer[0]], Format.COMPACT, TensorStore(None))
+    assert out[0].format == "dense" and "NaN payloads" in out[0].note
+    bits16[0, 0] = 0x3F80  # without the NaN it is compact
+    model.graph.initializer[0].raw_data = bits16.tobytes()
+    assert encode_tensors(model, [model.graph.initializer[0]], Format.COMPACT, TensorStore(None))[0].format == \
+        "compact"
+
+
+def test_fold_check_runs_on_cpu_when_the_provider_compiles_nodes():
+    from onnx_magprune.folding import can_check_in_session, check_on_cpu
+
+    assert can_check_in_session(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert not can_check_in_session(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    compact, _ = mp.prune_model(mlp_model(sparsity=0.0), sparsity=0.9, min_numel=16, format="compact")
+    assert check_on_cpu(compact) == []
+
+
+def test_decoder_names_avoid_value_info_and_the_label_names_the_layout():
+    model = mlp_model(sparsity=0.0)
+    model.graph.value_info.append(helper.make_tensor_value_info("W2/compact/values", TensorProto.FLOAT, [3]))
+    onnx.checker.check_model(model, full_check=True)
+    for objective in ("size", "startup"):
+        encoded, report = mp.prune_model(model, sparsity=0.9, min_numel=16, format="compact",
+                                         optimize_for=objective)
+        onnx.checker.check_model(encoded, full_check=True)
+        assert all(" layout, " in t.code and "fiber(s)" in t.code for t in report.tensors)
+    assert any("columns layout" in t.code for t in report.tensors)  # startup: the scatter writes the shape
