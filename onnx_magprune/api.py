@@ -17,7 +17,6 @@ import onnx
 from . import __version__
 from .config import PruneConfig, Scope
 from .discovery import find_weights
-from .folding import decoder_weights
 from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
 from .model_io import (
@@ -31,7 +30,7 @@ from .model_io import (
 from .discovery import Skipped
 from .calibrated import run_calibrated
 from .calibration import open_calibration, split_holdout
-from .encoding import Format, Objective, decode_compact, decode_model, encode_tensors, parse_format, parse_objective
+from .encoding import Format, Objective, decode_model, decode_own, has_own_encoding, encode_tensors, parse_format, parse_objective
 from .methods import MethodOptions
 from .planning import apply_rules, apply_target, load_values, plan_targets, shared_external_bytes
 from .report import PruneReport, SkippedReport, TensorReport, Totals
@@ -64,12 +63,13 @@ def _config(config: PruneConfig | None, **overrides) -> PruneConfig:
 
 
 def _load(source: ModelSource) -> LoadedModel:
-    """Load a model; compact weights (written by an earlier run) are decoded back to
-    plain initializers first, so they can be found, pruned and re-encoded."""
+    """Load a model; compact and sparse weights this tool wrote (an earlier run's output) are
+    decoded back to plain initializers first, so they can be found, pruned and re-encoded.
+    Sparse tensors from elsewhere are left alone (and skipped, with their reason)."""
     loaded = load_model(source)
-    if decoder_weights(loaded.proto):
+    if has_own_encoding(loaded.proto):  # an output of this tool
         internalize_external_data(loaded)
-        decode_compact(loaded.proto)  # sparse weights stay as they are (skipped, with their reason)
+        decode_own(loaded.proto)
     return loaded
 
 

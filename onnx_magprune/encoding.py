@@ -190,6 +190,7 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
     """Re-encode the given float tensors of ``model`` in place; returns what each became."""
     out = []
     names: set[str] | None = None
+    heads: dict[int, int] = {}
     for tensor in tensors:
         if tensor.data_type not in FLOAT_TYPES:
             continue  # quantized weights stay dense (their zero is the zero point, not 0)
@@ -244,7 +245,7 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
             continue
         if chosen is Format.COMPACT:
             code, decoder, overhead = compact
-            _place(graph, tensor, const_node, decoder.nodes, decoder.initializers)
+            _place(graph, tensor, const_node, decoder.nodes, decoder.initializers, heads)
             names.update(t.name for t in decoder.initializers)
             names.update(o for nd in decoder.nodes for o in nd.output)
             out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], code.nbytes, bound, overhead,
@@ -270,12 +271,14 @@ def _code_label(code: compact_code.CompactTensor) -> str:
             f"{a.planes} symbol(s) of {a.size} per {a.word_bytes}-byte word")
 
 
-def _place(graph, tensor: TensorProto, const_node, nodes: list, initializers: list) -> None:
-    """Put a compact decoder where ``tensor`` was: an initializer's decoder goes at the head
-    of its graph, a Constant's decoder where the Constant was."""
+def _place(graph, tensor: TensorProto, const_node, nodes: list, initializers: list, heads: dict) -> None:
+    """Put a compact decoder where ``tensor`` was: initializers' decoders go at the head of their
+    graph in the order they are placed (``heads`` keeps each graph's next slot), a Constant's
+    decoder where the Constant was."""
     if const_node is None:
         graph.initializer.remove(tensor)
-        at = 0
+        at = heads.get(id(graph), 0)
+        heads[id(graph)] = at + len(nodes)
     else:
         at = next(i for i, nd in enumerate(graph.node) if nd is const_node)
         graph.node.remove(const_node)
@@ -323,6 +326,32 @@ def _elem_type(value: np.ndarray) -> int:
 def decode_compact(model: onnx.ModelProto) -> int:
     """Replace every compact decoder (in any graph) by the initializer it rebuilds; returns how many."""
     return sum(_decode_compact(g) for g in list(iter_graphs(model)))
+
+
+def _own_sparse(node: onnx.NodeProto) -> bool:
+    return (node.op_type == "Constant" and len(node.output) == 1 and node.name == f"{node.output[0]}_sparse"
+            and any(a.name == "sparse_value" for a in node.attribute))
+
+
+def has_own_encoding(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` holds weights this tool encoded (compact decoders or its sparse Constants)."""
+    return any(compact_graph.weight_of(n) is not None or _own_sparse(n) for g in iter_graphs(model) for n in g.node)
+
+
+def decode_own(model: onnx.ModelProto) -> int:
+    """Decode what this tool wrote: compact decoders, and sparse Constants named ``<weight>_sparse``
+    (other sparse tensors are left alone).  Returns how many weights were decoded."""
+    count = decode_compact(model)
+    for g in list(iter_graphs(model)):
+        for node in list(g.node):
+            if _own_sparse(node):
+                sparse_attr = next(a for a in node.attribute if a.name == "sparse_value")
+                dense = sparse_to_dense(sparse_attr.sparse_tensor)
+                dense.name = node.output[0]
+                g.node.remove(node)
+                g.initializer.append(dense)
+                count += 1
+    return count
 
 
 def decode_model(model: onnx.ModelProto) -> int:

@@ -388,3 +388,14 @@ def test_decoder_names_avoid_value_info_and_the_label_names_the_layout():
         onnx.checker.check_model(encoded, full_check=True)
         assert all(" layout, " in t.code and "fiber(s)" in t.code for t in report.tensors)
     assert any("columns layout" in t.code for t in report.tensors)  # startup: the scatter writes the shape
+
+
+def test_an_output_with_compact_and_sparse_weights_is_decoded_whole_before_pruning_again(tmp_path):
+    once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    src = tmp_path / "m.onnx"
+    onnx.save(mlp_model(sparsity=0.0), src)
+    report = mp.prune_file(src, once, sparsity=0.98, min_numel=16, format="auto")
+    assert [t.format for t in report.tensors] == ["compact", "sparse"]  # W2's 61 values are cheaper as COO
+    again = mp.prune_file(once, twice, sparsity=0.98, min_numel=16, format="auto")
+    assert [t.name for t in again.tensors] == ["W1", "W2"] and again.skipped == report.skipped
+    assert once.read_bytes() == twice.read_bytes()
