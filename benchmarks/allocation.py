@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+from readme_section import write_section  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
@@ -57,7 +58,6 @@ from onnx_magprune.validate import RuntimeOptions  # noqa: E402
 from onnx_magprune.variants import PruningSpace  # noqa: E402
 
 RESULTS = HERE / "results"
-MARK_START, MARK_END = "<!-- allocation:start -->", "<!-- allocation:end -->"
 LEVELS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 QUICK_LEVELS = (0.5, 0.7, 0.9, 0.95)
 TABLE = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -239,15 +239,7 @@ def readme_section(result: dict) -> str:
 
 
 def write_readme(section: str) -> bool:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        log("README.md has no allocation markers: not edited")
-        return False
-    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
-    readme.write_text(text[:start] + "\n" + section + "\n" + text[end:])
-    log("README.md allocation section rewritten")
-    return True
+    return write_section(REPO / "README.md", "allocation", section, log)
 
 
 def main(argv=None) -> int:

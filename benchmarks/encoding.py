@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+from readme_section import write_section  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
@@ -80,7 +81,6 @@ from prune_speed import machine  # noqa: E402
 
 RESULTS = HERE / "results"
 WORK = HERE / ".cache" / "encoding"
-MARK_START, MARK_END = "<!-- encoding:start -->", "<!-- encoding:end -->"
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 STARTUP_SPARSITIES = (0.9, 0.5)
@@ -507,15 +507,7 @@ def readme_section(result: dict) -> str:
 
 
 def write_readme(section: str) -> bool:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        log(f"{readme.relative_to(REPO)} has no {MARK_START} ... {MARK_END} markers: not edited")
-        return False
-    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
-    readme.write_text(text[:start] + "\n" + section + "\n" + text[end:])
-    log(f"{readme.relative_to(REPO)} encoding section rewritten")
-    return True
+    return write_section(REPO / "README.md", "encoding", section, log)
 
 
 # --------------------------------------------------------------------------

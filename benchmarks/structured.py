@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+from readme_section import write_section  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
@@ -49,7 +50,6 @@ from prune_speed import machine  # noqa: E402
 
 RESULTS = HERE / "results"
 WORK = HERE / ".cache" / "structured"
-MARK_START, MARK_END = "<!-- structured:start -->", "<!-- structured:end -->"
 LEVELS, QUICK_LEVELS = (0.25, 0.5, 0.75), (0.5,)
 METHODS = (("magnitude", "weight norm (L2), no data"), ("obs", "structured OBS + least-squares re-fit"))
 TARGET = {"level": 0.5, "speedup_batch8": 1.3, "cosine": 0.95}
@@ -264,15 +264,7 @@ def readme_section(result: dict) -> str:
 
 
 def write_readme(section: str) -> bool:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        log(f"README.md has no {MARK_START} ... {MARK_END} markers: not edited")
-        return False
-    start, end = text.index(MARK_START) + len(MARK_START), text.index(MARK_END)
-    readme.write_text(text[:start] + "\n" + section + text[end:])
-    log("README.md structured section rewritten")
-    return True
+    return write_section(REPO / "README.md", "structured", section, log)
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,8 @@ def unit_indices(removed: np.ndarray, block: int) -> np.ndarray:
     return (removed[:, None] * block + np.arange(block)[None, :]).reshape(-1)
 
 
-def _tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Main-graph initializers and Constant values by name."""
     found = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output:
@@ -52,7 +53,7 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
     if mode not in ("remove", "mask"):
         raise ValueError(f"mode must be 'remove' or 'mask', got {mode!r}")
     values = dict(values or {})
-    protos = _tensors(model)
+    protos = tensor_protos(model)
     cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for group, removed in plans:
         removed = np.asarray(removed, dtype=np.int64)

@@ -40,7 +40,7 @@ from .selection import target_count
 from .structured import Consumer, SkippedGroup, UnitGroup, find_groups
 from .structured_allocate import allocate
 from .structured_refit import activation_scores, damping, lsq_refit, obs_remove, output_error
-from .structured_rewrite import rewrite
+from .structured_rewrite import rewrite, tensor_protos
 from .structured_select import global_counts, local_counts, norm_scores, smallest, unit_rows
 
 ALLOCATION_LEVELS = (0.25, 0.5, 0.75)  # global scope with calibration: each group measured alone at these
@@ -111,16 +111,6 @@ class _Group:
     curve: dict | None = None  # global scope with calibration: drift of the outputs vs units removed
 
 
-def _tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    found = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value" and a.HasField("t"):
-                    found.setdefault(node.output[0], a.t)
-    return found
-
-
 def _params(model: onnx.ModelProto) -> int:
     from .model_io import iter_all_tensors
     from .tensor_data import numel
@@ -159,7 +149,7 @@ class StructuredRun:
         groups, skipped = find_groups(proto, include_overridable=cfg.include_overridable)
         self.skipped: list[SkippedGroup] = list(skipped)
         self.groups: list[_Group] = []
-        protos = _tensor_protos(proto)
+        protos = tensor_protos(proto)
         self.protos = protos
         for g in groups:
             why = self._rule(g, protos)
@@ -441,7 +431,7 @@ class StructuredRun:
     def structured_dict(self) -> dict:
         from .tensor_data import numel
 
-        protos = _tensor_protos(self.proto)
+        protos = tensor_protos(self.proto)
         groups = []
         for gr in self.groups:
             g = gr.group
