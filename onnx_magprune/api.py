@@ -189,7 +189,10 @@ class _Run:
                 format_note=encoded[t.weight.name].note if t.weight.name in encoded else None,
                 method=self.outcomes[i].to_dict() if self.outcomes is not None else None,
             ))
-        if encoded and any(e.format != "dense" for e in encoded.values()):
+        if encoded and all(e.format == "dense" for e in encoded.values()):
+            note = ("every weight stayed dense (sparse or compact would not be smaller here): the file is not "
+                    "smaller and ONNX Runtime's dense kernels run it at the same speed")
+        elif encoded:
             note = ("sparse and compact formats cut file and download size only: ONNX Runtime densifies sparse "
                     "initializers and constant-folds compact decoders when it loads the model (session start "
                     "takes longer), so memory and inference speed are as dense")

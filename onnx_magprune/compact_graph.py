@@ -37,7 +37,7 @@ def node_name(step: str, weight: str) -> str:
 
 def weight_of(node: onnx.NodeProto) -> str | None:
     """The weight a decoder node belongs to, or None for other nodes."""
-    if not node.name.startswith(PREFIX):
+    if not isinstance(node.name, str) or not node.name.startswith(PREFIX):  # a corrupt name parses as bytes
         return None
     parts = node.name[len(PREFIX):].split(":", 1)
     return parts[1] if len(parts) == 2 else None
@@ -61,7 +61,7 @@ def decoder(code: CompactTensor, weight: str, elem_type: int, taken: set[str]) -
     ``taken`` holds the names in use; the constants get fresh names under ``<weight>/compact``."""
     base = f"{weight}/compact"
     stem, i = base, 0
-    while any(t == stem or t.startswith(stem + "/") for t in taken):
+    while any(isinstance(t, str) and (t == stem or t.startswith(stem + "/")) for t in taken):
         i += 1
         stem = f"{base}{i}"
     inits: list[onnx.TensorProto] = []

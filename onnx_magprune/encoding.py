@@ -137,6 +137,8 @@ def _graph_holding(model: onnx.ModelProto, tensor: TensorProto):
 
 def _compact_blocker(model: onnx.ModelProto, tensor: TensorProto, in_function: bool) -> str | None:
     """Why ``tensor`` cannot be stored compact, or None."""
+    if not isinstance(tensor.name, str):  # protobuf hands back a name that is not valid UTF-8 as bytes
+        return "compact: the tensor's name is not valid UTF-8"
     if in_function:
         return "compact: weights inside local functions stay as they are (functions have no initializers)"
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -149,6 +151,24 @@ def _compact_blocker(model: onnx.ModelProto, tensor: TensorProto, in_function: b
         return ("compact: the decoded tensor would exceed ONNX Runtime's 1 GiB constant-folding limit, "
                 "so its decoder would run on every inference")
     return None
+
+
+def _compact_candidate(model: onnx.ModelProto, tensor: TensorProto, array: np.ndarray, in_function: bool,
+                       objective: Objective, names: set[str]):
+    """``((code, decoder, overhead bytes), None)``, or ``(None, why compact cannot be used)``."""
+    note = _compact_blocker(model, tensor, in_function)
+    if note is None and tensor.data_type == TensorProto.BFLOAT16 and np.isnan(array.astype(np.float32)).any():
+        note = ("compact: bfloat16 decodes through float32, and ONNX Runtime's Cast back to bfloat16 "
+                "does not keep NaN payloads")
+    if note is not None:
+        return None, note
+    shaped = array.reshape(tuple(tensor.dims))
+    code = compact_code.encode(shaped, compact_choice.choose(shaped, objective).alphabet)
+    if compact_graph.largest_intermediate(code) > compact_graph.FOLD_LIMIT_BYTES:
+        return None, ("compact: a decoder intermediate would exceed ONNX Runtime's 1 GiB constant-folding "
+                      "limit, so the decoder would run on every inference")
+    decoder = compact_graph.decoder(code, tensor.name, tensor.data_type, names)
+    return (code, decoder, _serialized(decoder, code)), None
 
 
 def _serialized(decoder: compact_graph.Decoder, code: compact_code.CompactTensor) -> int:
@@ -211,24 +231,11 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
         if fmt is Format.DENSE:
             out.append(dense)
             continue
-        compact = None
-        note = None
+        compact, note = None, None
         if fmt in (Format.COMPACT, Format.AUTO) and n > 0:
-            note = _compact_blocker(model, tensor, in_function)
-            if note is None and tensor.data_type == TensorProto.BFLOAT16 and np.isnan(array.astype(np.float32)).any():
-                note = ("compact: bfloat16 decodes through float32, and ONNX Runtime's Cast back to bfloat16 "
-                        "does not keep NaN payloads")
-            if note is None:
-                if names is None:
-                    names = _value_names(model)
-                shaped = array.reshape(tuple(tensor.dims))
-                code = compact_code.encode(shaped, compact_choice.choose(shaped, objective).alphabet)
-                if compact_graph.largest_intermediate(code) > compact_graph.FOLD_LIMIT_BYTES:
-                    note = ("compact: a decoder intermediate would exceed ONNX Runtime's 1 GiB constant-folding "
-                            "limit, so the decoder would run on every inference")
-                else:
-                    decoder = compact_graph.decoder(code, tensor.name, tensor.data_type, names)
-                    compact = (code, decoder, _serialized(decoder, code))
+            if names is None:
+                names = _value_names(model)
+            compact, note = _compact_candidate(model, tensor, array, in_function, objective, names)
         if fmt is Format.AUTO:
             options = [(sizes[Format.DENSE], Format.DENSE), (sizes[Format.SPARSE], Format.SPARSE)]
             if compact is not None:
