@@ -205,6 +205,13 @@ def _red(before: int, after: int) -> str:
     return f"{after:,} ({after / before:.0%})"
 
 
+def _by_level(rows: list[dict]):
+    """(level, weight-norm row, OBS + re-fit row) for each removal level, in order."""
+    for level in dict.fromkeys(x["level"] for x in rows):
+        pick = {x["method"]: x for x in rows if x["level"] == level}
+        yield level, pick["magnitude"], pick["obs"]
+
+
 def readme_section(result: dict) -> str:
     mach = result["machine"]
     cmd = "python benchmarks/structured.py" + (" --quick" if result["quick"] else "") + " --write-readme"
@@ -229,9 +236,7 @@ def readme_section(result: dict) -> str:
                       "| FFN neurons removed | weight norm: token cosine | OBS + re-fit: token cosine | "
                       "OBS + re-fit: sentence cosine | speedup b1 | speedup b8 | speedup b32 | parameters | file |",
                       "|---|---|---|---|---|---|---|---|---|"]
-            for level in dict.fromkeys(x["level"] for x in r["rows"]):
-                norm = next(x for x in r["rows"] if x["level"] == level and x["method"] == "magnitude")
-                obs = next(x for x in r["rows"] if x["level"] == level and x["method"] == "obs")
+            for level, norm, obs in _by_level(r["rows"]):
                 lines.append(f"| {level:.0%} | {norm['real_token_cosine']:.4f} | {obs['real_token_cosine']:.4f} | "
                              f"{obs['sentence_embedding_cosine']['mean']:.4f} | {_lat(obs, '1')} | {_lat(obs, '8')} | "
                              f"{_lat(obs, '32')} | {_red(obs['params_before'], obs['params_after'])} | "
@@ -251,9 +256,7 @@ def readme_section(result: dict) -> str:
                       f"| {unit} removed | weight norm: accuracy / cosine | OBS + re-fit: accuracy / cosine | "
                       "speedup b1 | speedup b8 | speedup b32 | parameters | file |",
                       "|---|---|---|---|---|---|---|---|"]
-            for level in dict.fromkeys(x["level"] for x in r["rows"]):
-                norm = next(x for x in r["rows"] if x["level"] == level and x["method"] == "magnitude")
-                obs = next(x for x in r["rows"] if x["level"] == level and x["method"] == "obs")
+            for level, norm, obs in _by_level(r["rows"]):
                 lines.append(f"| {level:.0%} | {norm['accuracy']:.2%} / {norm['output_cosine']:.4f} | "
                              f"{obs['accuracy']:.2%} / {obs['output_cosine']:.4f} | {_lat(obs, '1')} | "
                              f"{_lat(obs, '8')} | {_lat(obs, '32')} | "
