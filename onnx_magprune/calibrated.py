@@ -30,10 +30,10 @@ from .config import NonFinite, PruneConfig
 from .discovery import Skipped
 from .errors import ConfigError, NonFiniteWeightError
 from .graph_index import GraphIndex
-from .layer_stats import LayerStats, StatsModel, StatsRequest, stats_key, topological_stages
+from .layer_stats import LayerStats, StatsModel, StatsRequest, residual_inputs, stats_key, topological_stages
 from .layer_view import LinearView, linear_view
 from .methods import Method, MethodOptions
-from .obs import ObsParams, nm_mask, obs_prune, obs_saliency, output_error, wanda_scores
+from .obs import ObsParams, dense_target, nm_mask, obs_prune, obs_saliency, output_error, wanda_scores
 from .planning import Target, TargetValues
 from .quantized import dequantize, prune_to_zero_point
 from .selection import ApplyStats, plan_global, target_count
@@ -52,6 +52,8 @@ class LayerOutcome:
     damp: float | None = None
     error_masked: float | None = None  # layer output error of plain masking, relative to the layer's output energy
     error_after: float | None = None  # the same after reconstruction
+    matched_dense: bool | None = None  # re-fitted to the dense layer's output (earlier layers' error corrected)
+    matched_residual: str | None = None  # ... and cancels the error of this residual stream it adds into
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -142,6 +144,7 @@ class _Runner:
             self.stats_model = StatsModel(proto, fed, {self.targets[i].weight.name: self.views[i]
                                                        for i in self.calibrated},
                                           calibration, batch_size=opts.batch_size, threads=opts.threads)
+        self.residuals = residual_inputs(self.stats_model.model, self.stats_model.views) if self.stats_model else {}
         self.passes = 0
         self.per_row = [0] * len(self.targets)
         self.warnings: list[str] = []
@@ -165,6 +168,7 @@ class _Runner:
     def _collect(self, idx: list[int], label: str) -> dict[int, LayerStats]:
         """Statistics for ``idx``, in as many passes as the Hessian budget needs."""
         out: dict[int, LayerStats] = {}
+        reference = self._match_dense()
         groups: list[list[int]] = [[]]
         used, seen = 0, set()
         for i in idx:
@@ -172,6 +176,7 @@ class _Runner:
             key = stats_key(view)
             width = view.to_matrix(self.cur[i]).shape[1]
             cost = 8 * width * width if self.opts.needs_hessian and key not in seen else 0
+            cost *= 2 if reference else 1
             if groups[-1] and used + cost > self.opts.stats_budget_bytes:
                 groups.append([])
                 used, seen = 0, set()
@@ -181,13 +186,38 @@ class _Runner:
         for group in groups:
             if not group:
                 continue
+            names = {self.targets[i].weight.name for i in group}
             request = StatsRequest({self.targets[i].weight.name: self.views[i] for i in group},
-                                   hessian=self.opts.needs_hessian)
+                                   hessian=self.opts.needs_hessian, reference=reference,
+                                   residuals={k: v for k, v in self.residuals.items() if k in names}
+                                   if self.opts.match_residual else {})
             got = self.stats_model.collect(request, label=label, quiet=self.opts.quiet)
             self.passes += 1
             for i in group:
                 out[i] = got[self.targets[i].weight.name]
         return out
+
+    def _match_dense(self) -> bool:
+        """Collect the cross moments against the dense model: only when re-fitting to the dense
+        output is asked for and some fed weight already differs from the dense one."""
+        return self.opts.refits and self.opts.match_dense is not False and self.stats_model.changed()
+
+    def _fit_target(self, i: int, w: np.ndarray, stats: LayerStats | None, damp: float) -> np.ndarray | None:
+        """The dense-output target of weight ``i`` (see :func:`~onnx_magprune.obs.dense_target`),
+        with its already-zero entries pruned (and compensated), or None when it does not apply."""
+        name = self.targets[i].weight.name
+        if (stats is None or stats.cross is None or self.fallback[i] is not None or self.values[i].quant is not None
+                or name not in self.stats_model.reference):
+            return None
+        ref = self.views[i].to_matrix(self.stats_model.reference[name].astype(np.float64))
+        residual = stats.residual if self.opts.match_residual else None
+        fit = dense_target(ref, stats.hessian, stats.cross, damp, residual)
+        if residual is not None:
+            self.outcomes[i].matched_residual = self.residuals[name]
+        zeros = w == 0
+        if zeros.any():
+            fit = obs_prune(fit, stats.hessian, mask=zeros, params=ObsParams(self.opts.block_size, damp)).weights
+        return fit
 
     # -- scores, masks ------------------------------------------------------
 
@@ -251,15 +281,21 @@ class _Runner:
         pattern = self.opts.pattern
         obs = self.opts.method is Method.OBS and self.fallback[i] is None and stats is not None
         params = ObsParams(block_size=self.opts.block_size, damp=self._damp(i, stats) if stats else self.opts.damp)
-        already = int(np.count_nonzero(w == 0))
+        zeros = w == 0
+        current = w  # score-based criteria rank the weights as they are; OBS and the re-fit use the target
+        fit = self._fit_target(i, w, stats, params.damp) if self.opts.refits else None
+        if fit is not None:  # errors below are measured against the fitted (dense-output) weights
+            w = fit
+            out.matched_dense = True
+        already = int(np.count_nonzero(zeros))
         if not pattern and not output_scope and already >= count:  # the existing zeros meet the target
-            res, mask = None, w == 0
+            res, mask = None, zeros
         elif obs and not output_scope:
             res = obs_prune(w, stats.hessian, count=None if pattern else count,
                             pattern=(pattern.n, pattern.m) if pattern else None, params=params)
             mask = res.mask
         else:
-            scores = self._scores(i, w, stats)
+            scores = self._scores(i, current, stats)
             if pattern is not None:
                 mask = nm_mask(scores, pattern.n, pattern.m)
             elif output_scope and view is not None:
@@ -267,7 +303,6 @@ class _Runner:
             else:
                 mask = _k_smallest(scores, count)
             res = None
-        zeros = w == 0
         if (zeros & ~mask).any():  # weights already zero stay zero (re-fitting must not revive them)
             mask = mask | zeros
             res = None

@@ -144,8 +144,15 @@ _method_options = _compose(
                  help="Reach the sparsity in T steps, re-collecting statistics and re-fitting in between."),
     click.option("--schedule", type=click.Choice([s.value for s in Schedule]), default="cubic", show_default=True,
                  help="Sparsity after each step: cubic (Zhu & Gupta), linear or constant."),
-    click.option("--damp", type=click.FloatRange(min=0.0), default=0.01, show_default=True,
+    click.option("--damp", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
                  help="OBS dampening, relative to the mean diagonal of X^T X."),
+    click.option("--match-dense/--match-own", default=None,
+                 help="Sequential re-fits: fit each layer to the dense model's layer output (correcting the error "
+                      "of earlier layers, and of the residual stream it adds into) or to its own output on the "
+                      "pruned model's activations [default: dense; own with --structured]."),
+    click.option("--residual/--no-residual", "match_residual", default=True, show_default=True,
+                 help="With --match-dense: a layer that adds into a residual stream also cancels that stream's "
+                      "error."),
     click.option("--block-size", type=click.IntRange(min=1), default=128, show_default=True,
                  help="OBS columns per lazy-update block."),
     click.option("--holdout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
@@ -304,6 +311,7 @@ def prune(model, output, sparsity, scope, nonfinite, overwrite, fmt, optimize_fo
     method = MethodOptions(method=criterion, calibration=kw["calibration"], holdout=kw["holdout"],
                            pattern=kw["pattern"], refit=kw["refit"], sequential=kw["sequential"], steps=kw["steps"],
                            schedule=kw["schedule"], damp=kw["damp"], block_size=kw["block_size"],
+                           match_dense=kw["match_dense"], match_residual=kw["match_residual"],
                            threads=kw["threads"], max_samples=kw["max_samples"], quiet=quiet)
     try:
         report = prune_file(model, output, sparsity, scope, config=_base_config(config_path), exclude=exclude,

@@ -8,6 +8,10 @@ extra graph output.  Batches are reduced on the fly to
 
 * ``col_sq``: the sum of squares of each input feature (wanda's ``||X_j||^2``),
 * ``hessian``: the sum ``X^T X`` (OBS), in float64,
+* ``cross``: with ``StatsRequest.reference``, the sum ``X^T X_ref`` of the
+  current model's rows against the reference (dense) model's rows for the
+  same samples, so a layer can be re-fitted to the *dense* layer's output
+  (the error of earlier, already pruned layers is corrected, not inherited),
 
 so memory is bounded by one batch plus the statistics, never by the size of
 the calibration set.  Layers that read the same tensor the same way (attention
@@ -16,11 +20,16 @@ Q/K/V) share one set of statistics.
 Padding: when the model has an integer input whose name ends in
 ``attention_mask`` and an activation's leading shape equals that mask's
 shape, rows whose mask is 0 are left out (padding tokens are not data).
+Columns that are padding in every row of a batch (right padding) are cut
+from the ``[batch, tokens, ...]`` feeds before the batch runs, when the
+model's token dimension is dynamic and the first such batch proves that the
+real rows' activations do not change (max. difference within
+``TRIM_TOLERANCE`` of their scale); otherwise every batch runs as given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -32,12 +41,17 @@ from .progress import Progress
 from .runtime import RuntimeFailure, _first_line
 
 
+TRIM_TOLERANCE = 1e-4  # padding trimming: allowed max |Δ| of real rows, relative to their max |x|
+
+
 @dataclass
 class LayerStats:
     rows: int
     col_sq: np.ndarray
     hessian: np.ndarray | None = None
     masked_rows: int = 0  # padding rows left out
+    cross: np.ndarray | None = None  # X^T X_ref: current rows against the reference model's rows
+    residual: np.ndarray | None = None  # X^T (R_ref - R): rows against the residual stream's error [in, out]
 
 
 @dataclass
@@ -46,6 +60,8 @@ class StatsRequest:
 
     views: Mapping[str, LinearView]  # weight name -> view
     hessian: bool
+    reference: bool = False  # also collect ``cross`` against the reference weights
+    residuals: Mapping[str, str] = field(default_factory=dict)  # weight -> residual tensor its output is added to
 
 
 def stats_key(view: LinearView) -> tuple:
@@ -56,10 +72,12 @@ def stats_key(view: LinearView) -> tuple:
 class _Acc:
     view: LinearView
     hessian: bool
+    reference: bool = False
     rows: int = 0
     masked: int = 0
     col_sq: np.ndarray | None = None
     h: np.ndarray | None = None
+    c: np.ndarray | None = None
 
     def _rows(self, x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
         rows = self.view.rows(x)
@@ -71,7 +89,7 @@ class _Acc:
                                  "on the calibration data")
         return rows
 
-    def add(self, x: np.ndarray, row_mask: np.ndarray | None) -> None:
+    def add(self, x: np.ndarray, row_mask: np.ndarray | None, x_ref: np.ndarray | None = None) -> None:
         keep = None
         if row_mask is not None:
             keep = row_mask.reshape(-1) != 0
@@ -83,11 +101,39 @@ class _Acc:
         if self.hessian:
             h = rows.T @ rows
             self.h = h if self.h is None else self.h + h
+        if self.reference:
+            c = rows.T @ self._rows(x_ref, keep)
+            self.c = c if self.c is None else self.c + c
 
     def result(self, width: int) -> LayerStats:
         col_sq = self.col_sq if self.col_sq is not None else np.zeros(width)
         h = self.h if self.h is not None or not self.hessian else np.zeros((width, width))
-        return LayerStats(self.rows, col_sq, h, self.masked)
+        c = self.c if self.c is not None or not self.reference else np.zeros((width, width))
+        return LayerStats(self.rows, col_sq, h, self.masked, c)
+
+
+@dataclass
+class _ResidualAcc:
+    """``X^T (R_ref - R)`` for one weight whose output is added to the residual stream ``R``."""
+
+    acc: _Acc
+    name: str
+    d: np.ndarray | None = None
+    valid: bool = True
+
+    def add(self, x: np.ndarray, r: np.ndarray, r_ref: np.ndarray, row_mask: np.ndarray | None) -> None:
+        if not self.valid:
+            return
+        if self.acc.view.layout != "matmul_b" or r.shape != r_ref.shape or r.shape[:-1] != x.shape[:-1]:
+            self.valid = False  # broadcast or another layout: the residual's rows are not the layer's rows
+            return
+        keep = row_mask.reshape(-1) != 0 if row_mask is not None else None
+        rows = self.acc._rows(x, keep)
+        diff = (r_ref.astype(np.float64) - r.astype(np.float64)).reshape(-1, r.shape[-1])
+        if keep is not None:
+            diff = diff[keep]
+        d = rows.T @ diff
+        self.d = d if self.d is None else self.d + d
 
 
 @dataclass
@@ -104,13 +150,21 @@ class StatsModel:
     sessions_created: int = 0
     _session: object = field(default=None, repr=False)
     _mask_input: str | None = None
+    trimmed: bool | None = None  # None: not tried yet; then whether padding columns are cut
 
     def __post_init__(self):
-        self.proto = _stats_proto(self.model, list(self.weights), self.views.values())
+        self.reference = {k: np.array(v, copy=True) for k, v in self.weights.items()}  # the weights as given
+        self.proto = _stats_proto(self.model, list(self.weights), self.views.values(),
+                                  extra_outputs=sorted(residual_inputs(self.model, self.views).values()))
         specs = model_inputs(self.model)
         self.batch_size = effective_batch(self.batch_size, specs)
         self._mask_input = next((s.name for s in specs if s.name.endswith("attention_mask")
                                  and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)), None)
+        mask_spec = next((s for s in specs if s.name == self._mask_input), None)
+        # the token axis must be dynamic in every input that has it
+        self._trimmable = bool(mask_spec and mask_spec.shape and len(mask_spec.shape) == 2
+                               and not isinstance(mask_spec.shape[1], int))
+        self._static_token = {s.name for s in specs if s.shape and len(s.shape) >= 2 and isinstance(s.shape[1], int)}
 
     @property
     def mask_input(self) -> str | None:
@@ -142,6 +196,48 @@ class StatsModel:
         outs.update(inputs)  # layers reading a graph input directly
         return outs
 
+    def _trim(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """``feeds`` without the trailing columns that are padding in every row, or None."""
+        if not self._trimmable or self.trimmed is False:
+            return None
+        mask = feeds.get(self._mask_input)
+        if mask is None or mask.ndim != 2:
+            return None
+        real = np.flatnonzero(mask.any(axis=0))
+        last = int(real[-1]) + 1 if real.size else 1
+        if last >= mask.shape[1]:
+            return None
+        out = {}
+        for k, v in feeds.items():
+            if v.ndim >= 2 and v.shape[:2] == mask.shape:
+                if k in self._static_token:
+                    return None
+                out[k] = np.ascontiguousarray(v[:, :last])
+            else:
+                out[k] = v
+        return out
+
+    def _trim_matches(self, sess, fetch: list[str], full: dict, trimmed: dict, inputs) -> bool:
+        """Whether cutting the padding columns leaves every real row's activation unchanged."""
+        a = self._run(sess, fetch, full, inputs)
+        b = self._run(sess, fetch, trimmed, inputs)
+        mask = full[self._mask_input] != 0
+        last = trimmed[self._mask_input].shape[1]
+        for name in fetch:
+            x, y = a[name], b[name]
+            if x.shape[:2] != mask.shape or y.shape[:2] != (mask.shape[0], last) or x.shape[2:] != y.shape[2:]:
+                return False
+            xr = x[:, :last][mask[:, :last]].astype(np.float64)
+            yr = y[mask[:, :last]].astype(np.float64)
+            scale = float(np.max(np.abs(xr))) if xr.size else 0.0
+            if xr.size and not float(np.max(np.abs(xr - yr))) <= TRIM_TOLERANCE * max(scale, 1e-30):
+                return False
+        return True
+
+    def changed(self) -> bool:
+        """Whether any fed weight differs from its reference (the weights as given)."""
+        return any(not np.array_equal(self.weights[k], self.reference[k]) for k in self.weights)
+
     def set_weight(self, name: str, stored: np.ndarray) -> None:
         self.weights[name] = np.ascontiguousarray(stored)
 
@@ -149,21 +245,40 @@ class StatsModel:
         """Statistics for each weight of ``request`` (weights sharing an input share the object)."""
         accs: dict[tuple, _Acc] = {}
         for view in request.views.values():
-            accs.setdefault(stats_key(view), _Acc(view, request.hessian))
+            accs.setdefault(stats_key(view), _Acc(view, request.hessian, request.reference))
         inputs = {s.name for s in model_inputs(self.model)}
-        fetch = sorted({k[0] for k in accs if k[0] not in inputs})
+        res_accs = {name: _ResidualAcc(accs[stats_key(request.views[name])], r)
+                    for name, r in request.residuals.items() if request.reference and name in request.views}
+        fetch = sorted({k[0] for k in accs if k[0] not in inputs} | {r.name for r in res_accs.values()} - inputs)
         sess = self.session()
         total = self.calibration.count_batches(self.batch_size)
         with Progress(label, total, enabled=False if quiet else None) as bar:
             for batch in self.calibration.batches(self.batch_size):
-                feeds = dict(batch.feeds)
+                data = batch.feeds
+                cut = self._trim(data)
+                if cut is not None and self.trimmed is None:
+                    self.trimmed = self._trim_matches(sess, fetch, {**data, **self.reference},
+                                                      {**cut, **self.reference}, data)
+                if cut is not None and self.trimmed:
+                    data = cut
+                feeds = dict(data)
                 feeds.update(self.weights)
-                outs = self._run(sess, fetch, feeds, batch.feeds)
-                mask = batch.feeds.get(self._mask_input) if self._mask_input else None
+                outs = self._run(sess, fetch, feeds, data)
+                refs = None
+                if request.reference:
+                    feeds.update(self.reference)
+                    refs = self._run(sess, fetch, feeds, data)
+                mask = data.get(self._mask_input) if self._mask_input else None
                 for key, acc in accs.items():
                     x = outs[key[0]]
                     lead = acc.view.leading_shape(x)
-                    acc.add(x, mask if mask is not None and lead == tuple(mask.shape) else None)
+                    acc.add(x, mask if mask is not None and lead == tuple(mask.shape) else None,
+                            refs[key[0]] if refs is not None else None)
+                for racc in res_accs.values():
+                    x = outs[racc.acc.view.input_name]
+                    lead = racc.acc.view.leading_shape(x)
+                    racc.add(x, outs[racc.name], refs[racc.name],
+                             mask if mask is not None and lead == tuple(mask.shape) else None)
                 bar.update()
         result: dict[str, LayerStats] = {}
         done: dict[tuple, LayerStats] = {}
@@ -173,6 +288,9 @@ class StatsModel:
                 width = view.to_matrix(self.weights[name]).shape[1]
                 done[key] = accs[key].result(width)
             result[name] = done[key]
+            racc = res_accs.get(name)
+            if racc is not None and racc.valid and racc.d is not None:
+                result[name] = replace(done[key], residual=racc.d)
         return result
 
 
@@ -183,8 +301,43 @@ def overridable_proto(model: onnx.ModelProto, fed: Iterable[str]) -> onnx.ModelP
     return _stats_proto(model, fed, (), defaults=True)
 
 
+def residual_inputs(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> dict[str, str]:
+    """For each weight whose layer output (after an optional Add of a constant bias) is added to
+    another activation, the name of that activation: the residual stream the layer writes into.
+    Only top-level MatMul layers whose output feeds nothing else qualify."""
+    graph = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            if name:
+                consumers.setdefault(name, []).append(node)
+    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
+                                                        if n.op_type == "Constant" and n.output}
+    outputs = {o.name for o in graph.output}
+    out: dict[str, str] = {}
+    for name, view in views.items():
+        if view.layout != "matmul_b" or view.node not in graph.node:
+            continue
+        y = view.node.output[0]
+        for step in range(2):
+            nodes = consumers.get(y, [])
+            if y in outputs or len(nodes) != 1 or nodes[0].op_type != "Add" or len(nodes[0].input) != 2:
+                break
+            other = nodes[0].input[1] if nodes[0].input[0] == y else nodes[0].input[0]
+            if other == y:
+                break
+            if other in constants:
+                if step == 0:
+                    y = nodes[0].output[0]  # the bias
+                    continue
+                break
+            out[name] = other
+            break
+    return out
+
+
 def _stats_proto(model: onnx.ModelProto, fed: Iterable[str], views: Iterable[LinearView], *,
-                 defaults: bool = False) -> onnx.ModelProto:
+                 defaults: bool = False, extra_outputs: Iterable[str] = ()) -> onnx.ModelProto:
     """A copy of ``model`` whose ``fed`` weights are graph inputs and whose layer inputs are graph outputs.
     With ``defaults`` the weights keep their values as initializers (overridable initializers)."""
     proto = onnx.ModelProto()
@@ -219,8 +372,7 @@ def _stats_proto(model: onnx.ModelProto, fed: Iterable[str], views: Iterable[Lin
     graph.node.extend(nodes)
     outputs = {o.name for o in graph.output}
     inputs = {i.name for i in graph.input}
-    for view in views:
-        name = view.input_name
+    for name in [v.input_name for v in views] + list(extra_outputs):
         if name not in outputs and name not in inputs:
             graph.output.append(onnx.ValueInfoProto(name=name))
             outputs.add(name)

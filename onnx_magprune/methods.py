@@ -80,9 +80,16 @@ class MethodOptions:
     pattern: Pattern | None = None
     refit: bool | None = None  # None: on for obs, off otherwise
     sequential: bool = True
+    # Re-fit each layer to the *dense* model's layer output (not to its own output on the already
+    # pruned model's activations), and where the layer adds into a residual stream, cancel that
+    # stream's error too.  None: on for unstructured re-fits, off for --structured removal (on
+    # all-MiniLM-L6-v2 it lifted obs at 50% from 0.932 to 0.950 token cosine, but lowered FFN-neuron
+    # removal from 0.928 to 0.926: the removed units leave too little to fit the extra target).
+    match_dense: bool | None = None
+    match_residual: bool = True
     steps: int = 1
     schedule: Schedule = Schedule.CUBIC
-    damp: float = 0.01
+    damp: float = 0.1  # measured on all-MiniLM-L6-v2 with the dense-output re-fit: 0.1 beat 0.01 and 0.3
     block_size: int = 128
     batch_size: int = 8
     threads: int | None = None
@@ -102,6 +109,10 @@ class MethodOptions:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
         if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or self.damp < 0:
             raise ConfigError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        for name in ("match_dense", "match_residual"):
+            v = getattr(self, name)
+            if not (v is None and name == "match_dense") and not isinstance(v, bool):
+                raise ConfigError(f"{name} must be True or False, got {v!r}")
         if self.pattern is not None and self.steps != 1:
             raise ConfigError("an N:M pattern is applied in one step: drop --steps")
         if self.needs_calibration and self.calibration is None:
@@ -138,5 +149,6 @@ class MethodOptions:
             "method": self.method.value, "pattern": str(self.pattern) if self.pattern else None,
             "refit": self.refits, "sequential": self.sequential, "steps": self.steps,
             "schedule": self.schedule.value, "damp": self.damp, "block_size": self.block_size,
+            "match_dense": self.match_dense, "match_residual": self.match_residual,
             "holdout": self.holdout if self.needs_calibration else None,
         }

@@ -163,6 +163,44 @@ def obs_saliency(w: np.ndarray, hessian: np.ndarray, damp: float) -> np.ndarray:
     return scores / (output_error(w, np.zeros_like(w), hessian) or 1.0)
 
 
+def dense_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: float,
+                 residual: np.ndarray | None = None) -> np.ndarray:
+    """The weights that best reproduce the *reference* layer output from the *current* inputs.
+
+    With ``X`` the current input rows (``hessian = XᵀX``), ``X_ref`` the reference
+    model's rows for the same samples (``cross = XᵀX_ref``) and ``w`` the reference
+    weights, this is the ridge solution of ``min ||X W'ᵀ - X_ref wᵀ||² + λ||W' - w||²``:
+    ``W' = w (crossᵀ + λI) (H + λI)⁻¹``, λ = ``damp`` × mean(diag H) (raised like
+    :func:`obs_prune`'s when H is singular).  When ``X == X_ref`` it is ``w`` itself.
+    Pruning ``W'`` with OBS against ``H`` then minimises the error against the
+    reference output, because ``||X W_p'ᵀ - X_ref wᵀ||² = ||X (W_p - W')ᵀ||² + const``.
+    Dead inputs (``diag(H) == 0``) keep their weights (they multiply zeros anyway).
+
+    ``residual`` (``Xᵀ(R_ref - R)``, ``[in, out]``): the layer's output is added to a residual
+    stream ``R`` that already carries the error of earlier layers; the target then also cancels
+    that error, ``min ||X W'ᵀ + R - (X_ref wᵀ + R_ref)||² + λ||W' - w||²``.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    h_in = np.asarray(hessian, dtype=np.float64)
+    c = np.asarray(cross, dtype=np.float64)
+    n_in = w.shape[1] if w.ndim == 2 else -1
+    if h_in.shape != (n_in, n_in) or c.shape != (n_in, n_in):
+        raise ValueError(f"hessian {h_in.shape} and cross {c.shape} must both be ({n_in}, {n_in}) for w of "
+                         f"shape {w.shape}")
+    if not (np.isfinite(w).all() and np.isfinite(h_in).all() and np.isfinite(c).all()):
+        raise ValueError("w, hessian or cross contains NaN or Inf")
+    dead, u, lam = _damped_factor(h_in, float(damp))
+    rhs = w @ c.T
+    rhs += lam * w
+    if residual is not None:
+        if residual.shape != (n_in, w.shape[0]):
+            raise ValueError(f"residual must be ({n_in}, {w.shape[0]}), got {residual.shape}")
+        rhs += residual.T
+    out = (rhs @ u.T) @ u
+    out[:, dead] = w[:, dead]
+    return out
+
+
 def _round_div(num: int, den: int) -> int:
     """round(num / den), halves up, in exact integer arithmetic (num >= 0, den > 0)."""
     return (2 * num + den) // (2 * den)

@@ -32,9 +32,10 @@ from onnx import numpy_helper
 from . import __version__
 from .config import PruneConfig, Scope
 from .errors import ConfigError
-from .layer_stats import LayerStats, StatsModel, StatsRequest, topological_stages
+from .layer_stats import LayerStats, StatsModel, StatsRequest, residual_inputs, topological_stages
 from .layer_view import ConvGeometry, LinearView
 from .methods import Method, MethodOptions
+from .obs import dense_target
 from .report import PruneReport, Totals
 from .selection import target_count
 from .structured import Consumer, SkippedGroup, UnitGroup, find_groups
@@ -318,7 +319,13 @@ class StructuredRun:
     def _collect(self, groups: list[_Group], label: str) -> dict[str, LayerStats]:
         views = {gr.group.consumers[0].weight: self._views[gr.group.consumers[0].weight] for gr in groups}
         self.passes += 1
-        return self.stats_model.collect(StatsRequest(views, hessian=True), label=label, quiet=self.method.quiet)
+        reference = self.refit and self.method.match_dense is True and self.stats_model.changed()
+        residuals = {}
+        if reference and self.method.match_residual:
+            single = {gr.group.consumers[0].weight for gr in groups if len(gr.group.consumers) == 1}
+            residuals = {k: v for k, v in residual_inputs(self.stats_model.model, views).items() if k in single}
+        return self.stats_model.collect(StatsRequest(views, hessian=True, reference=reference, residuals=residuals),
+                                        label=label, quiet=self.method.quiet)
 
     def _allocate(self) -> None:
         """Global scope with calibration: per-group counts from the measured drift of the model's outputs
@@ -396,6 +403,9 @@ class StructuredRun:
         w, cols, parts, biased = self._layout(gr)
         h = st.hessian
         damp = damping(h, self.method.damp, st.rows)
+        if st.cross is not None and self.refit:  # fit the dense output: earlier removals' error is corrected
+            residual = st.residual if st.residual is not None and st.residual.shape == w.shape else None
+            w = dense_target(w.T, h, st.cross, damp, residual).T
         if self.criterion == "obs":
             removed, new = obs_remove(h, w, cols, count, damp)
         else:
@@ -421,6 +431,7 @@ class StructuredRun:
         masked = _zero_rows(w, cols, removed)
         gr.removed = removed
         gr.info = {"criterion": self.criterion, "refit": self.refit, "stats_rows": st.rows, "damp": damp,
+                   "matched_dense": st.cross is not None and self.refit,
                    "width": h.shape[0], "bias_refit": biased and self.refit,
                    "error_masked": output_error(w, masked, h) / energy,
                    "error_after": output_error(w, new, h) / energy}
