@@ -30,7 +30,8 @@ from .config import NonFinite, PruneConfig
 from .discovery import Skipped
 from .errors import ConfigError, NonFiniteWeightError
 from .graph_index import GraphIndex
-from .layer_stats import LayerStats, StatsModel, StatsRequest, residual_inputs, stats_key, topological_stages
+from .layer_stats import LayerStats, StatsModel, StatsRequest, stats_key
+from .stats_graph import residual_inputs, settled, topological_stages, weight_dependencies
 from .layer_view import LinearView, linear_view
 from .methods import Method, MethodOptions
 from .obs import ObsParams, dense_target, nm_mask, obs_prune, obs_saliency, output_error, wanda_scores
@@ -145,6 +146,8 @@ class _Runner:
                                                        for i in self.calibrated},
                                           calibration, batch_size=opts.batch_size, threads=opts.threads)
         self.residuals = residual_inputs(self.stats_model.model, self.stats_model.views) if self.stats_model else {}
+        self.residual_deps = weight_dependencies(self.stats_model.model, self.stats_model.views) if self.residuals else {}
+        self.finished: set[str] = set()  # weights fitted in earlier stages of this step
         self.passes = 0
         self.per_row = [0] * len(self.targets)
         self.warnings: list[str] = []
@@ -189,7 +192,8 @@ class _Runner:
             names = {self.targets[i].weight.name for i in group}
             request = StatsRequest({self.targets[i].weight.name: self.views[i] for i in group},
                                    hessian=self.opts.needs_hessian, reference=reference,
-                                   residuals={k: v for k, v in self.residuals.items() if k in names}
+                                   residuals={k: v for k, v in settled(self.residuals, self.residual_deps,
+                                                                        self.finished).items() if k in names}
                                    if self.opts.match_residual else {})
             got = self.stats_model.collect(request, label=label, quiet=self.opts.quiet)
             self.passes += 1
@@ -350,11 +354,13 @@ class _Runner:
             for i in range(len(self.targets)):
                 if i not in by_name.values():
                     self._prune_layer(i, counts[i], None)
+            self.finished = set()
             for s, idx in enumerate(stage_idx):
                 reuse = pre and (not self.opts.sequential or s == 0)
                 stats = {i: pre[i] for i in idx} if reuse else self._collect(idx, f"{label}: stage {s + 1}")
                 for i in idx:
                     self._prune_layer(i, counts[i], stats[i])
+                self.finished |= {self.targets[i].weight.name for i in idx}
         rows = [o.stats_rows for o in self.outcomes if o.stats_rows is not None]
         widths = {self.targets[i].weight.name: self.views[i].to_matrix(self.cur[i]).shape[1] for i in self.calibrated}
         if self.opts.needs_hessian and rows and min(rows) < max(widths.values(), default=0):

@@ -2,7 +2,7 @@
 
 The session runs a copy of the model whose prunable weights are overridable
 initializers (graph inputs with the dense values as defaults, see
-:func:`~onnx_magprune.layer_stats.overridable_proto`): a variant is evaluated
+:func:`~onnx_magprune.stats_graph.overridable_proto`): a variant is evaluated
 by feeding only the weights it changes.  The calibration batches and the
 dense model's outputs on them are computed once and reused by every
 evaluation.  ``jobs > 1`` evaluates in worker processes, each with its own
@@ -23,7 +23,7 @@ import onnx
 
 from .calibration import CalibrationError, CalibrationSet, effective_batch, model_inputs
 from .drift import Metric, drift_value
-from .layer_stats import overridable_proto
+from .stats_graph import overridable_proto
 from .metrics import Accuracy, OutputDrift, pick_label_output
 from .progress import Progress
 from .runtime import available_providers, create_session, output_names, resolve_providers, run

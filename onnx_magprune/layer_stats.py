@@ -38,6 +38,7 @@ import onnx
 from .calibration import CalibrationSet, effective_batch, model_inputs
 from .layer_view import LinearView
 from .progress import Progress
+from .stats_graph import residual_inputs, stats_proto
 from .runtime import RuntimeFailure, _first_line
 
 
@@ -79,14 +80,14 @@ class _Acc:
     h: np.ndarray | None = None
     c: np.ndarray | None = None
 
-    def _rows(self, x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    def _rows(self, x: np.ndarray, keep: np.ndarray | None, what: str = "") -> np.ndarray:
         rows = self.view.rows(x)
         if keep is not None:
             rows = rows[keep]
         rows = np.asarray(rows, dtype=np.float64)
         if not np.isfinite(rows).all():
             raise RuntimeFailure(f"the input of the layers reading '{self.view.input_name}' holds NaN/Inf "
-                                 "on the calibration data")
+                                 f"on the calibration data{what}")
         return rows
 
     def add(self, x: np.ndarray, row_mask: np.ndarray | None, x_ref: np.ndarray | None = None) -> None:
@@ -102,7 +103,7 @@ class _Acc:
             h = rows.T @ rows
             self.h = h if self.h is None else self.h + h
         if self.reference:
-            c = rows.T @ self._rows(x_ref, keep)
+            c = rows.T @ self._rows(x_ref, keep, " (in the dense model's run)")
             self.c = c if self.c is None else self.c + c
 
     def result(self, width: int) -> LayerStats:
@@ -118,13 +119,15 @@ class _ResidualAcc:
 
     acc: _Acc
     name: str
+    width: int  # the layer's output width: the residual's last dimension must equal it
     d: np.ndarray | None = None
     valid: bool = True
 
     def add(self, x: np.ndarray, r: np.ndarray, r_ref: np.ndarray, row_mask: np.ndarray | None) -> None:
         if not self.valid:
             return
-        if self.acc.view.layout != "matmul_b" or r.shape != r_ref.shape or r.shape[:-1] != x.shape[:-1]:
+        if (self.acc.view.layout != "matmul_b" or r.shape != r_ref.shape or r.shape[:-1] != x.shape[:-1]
+                or r.shape[-1] != self.width):
             self.valid = False  # broadcast or another layout: the residual's rows are not the layer's rows
             return
         keep = row_mask.reshape(-1) != 0 if row_mask is not None else None
@@ -150,11 +153,12 @@ class StatsModel:
     sessions_created: int = 0
     _session: object = field(default=None, repr=False)
     _mask_input: str | None = None
-    trimmed: bool | None = None  # None: not tried yet; then whether padding columns are cut
+    trimmed: bool | None = None  # None: not tried yet; False: off for good; True: cut for the names checked
 
     def __post_init__(self):
-        self.reference = {k: np.array(v, copy=True) for k, v in self.weights.items()}  # the weights as given
-        self.proto = _stats_proto(self.model, list(self.weights), self.views.values(),
+        # the weights as given (not copied: fed arrays are replaced by set_weight, never changed in place)
+        self.reference = dict(self.weights)
+        self.proto = stats_proto(self.model, list(self.weights), self.views.values(),
                                   extra_outputs=sorted(residual_inputs(self.model, self.views).values()))
         specs = model_inputs(self.model)
         self.batch_size = effective_batch(self.batch_size, specs)
@@ -165,6 +169,7 @@ class StatsModel:
         self._trimmable = bool(mask_spec and mask_spec.shape and len(mask_spec.shape) == 2
                                and not isinstance(mask_spec.shape[1], int))
         self._static_token = {s.name for s in specs if s.shape and len(s.shape) >= 2 and isinstance(s.shape[1], int)}
+        self._trim_checked: set[str] = set()  # fetched tensors whose real rows proved unchanged by trimming
 
     @property
     def mask_input(self) -> str | None:
@@ -218,9 +223,13 @@ class StatsModel:
         return out
 
     def _trim_matches(self, sess, fetch: list[str], full: dict, trimmed: dict, inputs) -> bool:
-        """Whether cutting the padding columns leaves every real row's activation unchanged."""
+        """Whether cutting the padding columns leaves every real row's activation unchanged
+        (a trimmed run that fails, e.g. on a Reshape to a fixed token count, means no)."""
         a = self._run(sess, fetch, full, inputs)
-        b = self._run(sess, fetch, trimmed, inputs)
+        try:
+            b = self._run(sess, fetch, trimmed, inputs)
+        except RuntimeFailure:
+            return False
         mask = full[self._mask_input] != 0
         last = trimmed[self._mask_input].shape[1]
         for name in fetch:
@@ -247,7 +256,8 @@ class StatsModel:
         for view in request.views.values():
             accs.setdefault(stats_key(view), _Acc(view, request.hessian, request.reference))
         inputs = {s.name for s in model_inputs(self.model)}
-        res_accs = {name: _ResidualAcc(accs[stats_key(request.views[name])], r)
+        res_accs = {name: _ResidualAcc(accs[stats_key(request.views[name])], r,
+                                       request.views[name].to_matrix(self.weights[name]).shape[0])
                     for name, r in request.residuals.items() if request.reference and name in request.views}
         fetch = sorted({k[0] for k in accs if k[0] not in inputs} | {r.name for r in res_accs.values()} - inputs)
         sess = self.session()
@@ -256,10 +266,14 @@ class StatsModel:
             for batch in self.calibration.batches(self.batch_size):
                 data = batch.feeds
                 cut = self._trim(data)
-                if cut is not None and self.trimmed is None:
-                    self.trimmed = self._trim_matches(sess, fetch, {**data, **self.reference},
-                                                      {**cut, **self.reference}, data)
-                if cut is not None and self.trimmed:
+                if cut is not None and self.trimmed is not False and (
+                        self.trimmed is None or not set(fetch) <= self._trim_checked):
+                    # every tensor this request reads is checked once, on dense weights
+                    ok = self._trim_matches(sess, fetch, {**data, **self.reference}, {**cut, **self.reference}, data)
+                    self.trimmed = ok and self.trimmed is not False
+                    if self.trimmed:
+                        self._trim_checked |= set(fetch)
+                if cut is not None and self.trimmed and set(fetch) <= self._trim_checked:
                     data = cut
                 feeds = dict(data)
                 feeds.update(self.weights)
@@ -292,156 +306,3 @@ class StatsModel:
             if racc is not None and racc.valid and racc.d is not None:
                 result[name] = replace(done[key], residual=racc.d)
         return result
-
-
-def overridable_proto(model: onnx.ModelProto, fed: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose ``fed`` weights (top-level initializers or Constant nodes) are
-    overridable initializers: graph inputs that keep their values as defaults, so one session
-    runs the model as it is and with any subset of those weights replaced in the feeds."""
-    return _stats_proto(model, fed, (), defaults=True)
-
-
-def residual_inputs(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> dict[str, str]:
-    """For each weight whose layer output (after an optional Add of a constant bias) is added to
-    another activation, the name of that activation: the residual stream the layer writes into.
-    Only top-level MatMul layers whose output feeds nothing else qualify."""
-    graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input):
-            if name:
-                consumers.setdefault(name, []).append(node)
-    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
-                                                        if n.op_type == "Constant" and n.output}
-    outputs = {o.name for o in graph.output}
-    out: dict[str, str] = {}
-    for name, view in views.items():
-        if view.layout != "matmul_b" or view.node not in graph.node:
-            continue
-        y = view.node.output[0]
-        for step in range(2):
-            nodes = consumers.get(y, [])
-            if y in outputs or len(nodes) != 1 or nodes[0].op_type != "Add" or len(nodes[0].input) != 2:
-                break
-            other = nodes[0].input[1] if nodes[0].input[0] == y else nodes[0].input[0]
-            if other == y:
-                break
-            if other in constants:
-                if step == 0:
-                    y = nodes[0].output[0]  # the bias
-                    continue
-                break
-            out[name] = other
-            break
-    return out
-
-
-def _stats_proto(model: onnx.ModelProto, fed: Iterable[str], views: Iterable[LinearView], *,
-                 defaults: bool = False, extra_outputs: Iterable[str] = ()) -> onnx.ModelProto:
-    """A copy of ``model`` whose ``fed`` weights are graph inputs and whose layer inputs are graph outputs.
-    With ``defaults`` the weights keep their values as initializers (overridable initializers)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
-    graph = proto.graph
-    fed = set(fed)
-    declared = {i.name for i in graph.input}
-    keep = []
-    for t in graph.initializer:
-        if t.name in fed:
-            if t.name not in declared:
-                graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-            if defaults:
-                keep.append(t)
-        else:
-            keep.append(t)
-    nodes = []
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output and node.output[0] in fed:
-            t = next(a.t for a in node.attribute if a.name == "value")
-            graph.input.append(onnx.helper.make_tensor_value_info(node.output[0], t.data_type, list(t.dims)))
-            if defaults:
-                init = onnx.TensorProto()
-                init.CopyFrom(t)
-                init.name = node.output[0]
-                keep.append(init)
-        else:
-            nodes.append(node)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    outputs = {o.name for o in graph.output}
-    inputs = {i.name for i in graph.input}
-    for name in [v.input_name for v in views] + list(extra_outputs):
-        if name not in outputs and name not in inputs:
-            graph.output.append(onnx.ValueInfoProto(name=name))
-            outputs.add(name)
-    return proto
-
-
-def topological_stages(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> list[list[str]]:
-    """Groups of weights for a sequential pass: a layer comes after every
-    calibrated layer its input depends on (through the top-level graph, with
-    subgraph captures counted), and layers of one stage are independent."""
-    deps: dict[str, set[str]] = {name: {name} for name in views}
-    graph = model.graph
-    for node in _topo_order(graph):
-        reads = set(node.input) | _captured(node)
-        acc: set[str] = set()
-        for r in reads:
-            acc |= deps.get(r, set())
-        for out in node.output:
-            if out and out not in views:  # a Constant-node weight depends on itself only
-                deps[out] = acc
-    stage: dict[str, int] = {}
-    order = sorted(views, key=lambda n: len(deps.get(views[n].input_name, set())))
-    pending = list(order)
-    while pending:
-        progressed = False
-        for name in list(pending):
-            ups = deps.get(views[name].input_name, set()) - {name}
-            ups &= set(views)
-            if all(u in stage for u in ups):
-                stage[name] = 1 + max((stage[u] for u in ups), default=-1)
-                pending.remove(name)
-                progressed = True
-        if not progressed:  # a cycle cannot happen in a valid graph; keep the rest together
-            for name in pending:
-                stage[name] = max(stage.values(), default=-1) + 1
-            break
-    n = max(stage.values(), default=-1) + 1
-    return [[name for name in views if stage[name] == s] for s in range(n)]
-
-
-def _captured(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for a in node.attribute:
-        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-            for n in g.node:
-                names |= set(n.input) | _captured(n)
-    return names
-
-
-def _topo_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    produced = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
-    state: dict[int, int] = {}
-    order: list[onnx.NodeProto] = []
-    for start in range(len(graph.node)):
-        stack = [(start, False)]
-        while stack:
-            i, expanded = stack.pop()
-            if expanded:
-                if state.get(i) != 2:
-                    state[i] = 2
-                    order.append(graph.node[i])
-                continue
-            if state.get(i):
-                continue
-            state[i] = 1
-            stack.append((i, True))
-            node = graph.node[i]
-            for name in list(node.input) + sorted(_captured(node)):
-                j = produced.get(name)
-                if j is not None and not state.get(j):
-                    stack.append((j, False))
-    return order

@@ -32,7 +32,7 @@ class ObsParams:
     """Tuning of :func:`obs_prune`."""
 
     block_size: int = 128  # columns per lazy-update block
-    damp: float = 0.01  # damp * mean(diag(H)) is added to the diagonal
+    damp: float = 0.1  # damp * mean(diag(H)) is added to the diagonal (MethodOptions' default)
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, (int, np.integer)) \
@@ -173,7 +173,8 @@ def dense_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: fl
     ``W' = w (crossᵀ + λI) (H + λI)⁻¹``, λ = ``damp`` × mean(diag H) (raised like
     :func:`obs_prune`'s when H is singular).  When ``X == X_ref`` it is ``w`` itself.
     Pruning ``W'`` with OBS against ``H`` then minimises the error against the
-    reference output, because ``||X W_p'ᵀ - X_ref wᵀ||² = ||X (W_p - W')ᵀ||² + const``.
+    reference output: with λ = 0, ``||X W_pᵀ - X_ref wᵀ||² = ||X (W_p - W')ᵀ||² + const``
+    exactly; with λ > 0 it is the same split for the damped objective.
     Dead inputs (``diag(H) == 0``) keep their weights (they multiply zeros anyway).
 
     ``residual`` (``Xᵀ(R_ref - R)``, ``[in, out]``): the layer's output is added to a residual

@@ -134,7 +134,9 @@ def obs_remove(h: np.ndarray, w: np.ndarray, cols: np.ndarray, count: int,
 
 def lsq_refit(h: np.ndarray, w: np.ndarray, cols: np.ndarray, removed: np.ndarray, damp: float) -> np.ndarray:
     """The rows of ``w`` kept after removing ``removed`` units, re-fitted by damped least squares
-    to reproduce the full layer's output on the calibration rows; removed rows are 0."""
+    to reproduce the full layer's output on the calibration rows; removed rows are 0.  The ridge
+    pulls toward the original rows (``min ||X_K W_K - X W||² + λ||W_K - W_K⁰||²``), as the damped
+    OBS update of :func:`obs_remove` does, so both give the same weights for the same selection."""
     w = np.asarray(w, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
     drop = np.zeros(h.shape[0], dtype=bool)
@@ -144,8 +146,12 @@ def lsq_refit(h: np.ndarray, w: np.ndarray, cols: np.ndarray, removed: np.ndarra
     if not keep.any():
         return out
     h_kk = h[np.ix_(keep, keep)]
-    hinv = _inverse(h_kk, damp)
-    out[keep] = hinv @ (h[keep] @ w)
+    # the same absolute λ as obs_remove's (relative to the full H's mean diagonal, dead inputs as 1)
+    full, kept = np.diag(h), np.diag(h_kk)
+    base = float(np.mean(np.where(full == 0, 1.0, full)))
+    ref = float(np.mean(np.where(kept == 0, 1.0, kept)))
+    _dead, u, lam = _damped_factor(h_kk, damp * base / ref if ref > 0 else damp)
+    out[keep] = (u.T @ u) @ (h[keep] @ w + lam * w[keep])
     return out
 
 

@@ -32,7 +32,8 @@ from onnx import numpy_helper
 from . import __version__
 from .config import PruneConfig, Scope
 from .errors import ConfigError
-from .layer_stats import LayerStats, StatsModel, StatsRequest, residual_inputs, topological_stages
+from .layer_stats import LayerStats, StatsModel, StatsRequest
+from .stats_graph import residual_inputs, settled, topological_stages, weight_dependencies
 from .layer_view import ConvGeometry, LinearView
 from .methods import Method, MethodOptions
 from .obs import dense_target
@@ -294,6 +295,7 @@ class StructuredRun:
         first = {gr.group.consumers[0].weight: gr for gr in self.groups}
         self.stats_model = StatsModel(self.proto, dict(fed), {w: self._views[w] for w in first},
                                       statistics, batch_size=m.batch_size, threads=m.threads)
+        self._finished: set[str] = set()  # consumer weights and biases fitted in earlier stages
         if self.pool:
             self._allocate()
         if m.sequential:
@@ -305,6 +307,7 @@ class StructuredRun:
             stats = self._collect(stage, f"stage {s + 1}/{len(order)}")
             for gr in stage:
                 self._select_refit(gr, stats[gr.group.consumers[0].weight])
+            self._finished |= {name for gr in stage for c in gr.group.consumers for name in (c.weight, c.bias) if name}
         rows = [gr.info.get("stats_rows") for gr in self.groups if gr.info and gr.info.get("stats_rows")]
         widths = [gr.info.get("width") for gr in self.groups if gr.info and gr.info.get("width")]
         if rows and min(rows) < max(widths):
@@ -323,7 +326,11 @@ class StructuredRun:
         residuals = {}
         if reference and self.method.match_residual:
             single = {gr.group.consumers[0].weight for gr in groups if len(gr.group.consumers) == 1}
-            residuals = {k: v for k, v in residual_inputs(self.stats_model.model, views).items() if k in single}
+            model = self.stats_model.model
+            fitted = set(self.stats_model.weights)  # every fed consumer weight and bias
+            found = residual_inputs(model, views)
+            deps = weight_dependencies(model, fitted) if found else {}
+            residuals = {k: v for k, v in settled(found, deps, self._finished).items() if k in single}
         return self.stats_model.collect(StatsRequest(views, hessian=True, reference=reference, residuals=residuals),
                                         label=label, quiet=self.method.quiet)
 

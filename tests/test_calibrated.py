@@ -14,7 +14,7 @@ from onnx_magprune.calibration import open_calibration, split_holdout
 from onnx_magprune.cli import main
 from onnx_magprune.config import PruneConfig, Rule
 from onnx_magprune.errors import ConfigError
-from onnx_magprune.layer_stats import topological_stages
+from onnx_magprune.stats_graph import topological_stages
 from onnx_magprune.layer_view import linear_view
 from onnx_magprune.discovery import find_weights
 from onnx_magprune.graph_index import GraphIndex
@@ -214,7 +214,7 @@ def test_too_few_calibration_rows_warn_and_raise_the_dampening():
                                                                    holdout=0.0))
     assert any("rank-deficient" in n for n in rep.notes)
     w0 = rep.tensors[0].method
-    assert w0["stats_rows"] == 10 and w0["damp"] == pytest.approx(0.01 * 32 / 10)
+    assert w0["stats_rows"] == 10 and w0["damp"] == pytest.approx(0.1 * 32 / 10)
 
 
 def test_cli_two_four_pattern_report(tmp_path):

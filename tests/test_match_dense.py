@@ -164,7 +164,7 @@ def _residual_model():
 
 
 def test_residual_inputs_follow_the_bias_to_the_residual_add():
-    from onnx_magprune.layer_stats import residual_inputs
+    from onnx_magprune.stats_graph import residual_inputs
 
     model = _residual_model()
     index = GraphIndex(model)
@@ -224,3 +224,72 @@ def test_cli_match_dense_flag_reaches_the_report(tmp_path, flags, matched):
     assert [t["method"].get("matched_dense", False) for t in rep["tensors"]] == [False, matched]
     with pytest.raises(Exception, match="match_residual must be True or False"):
         MethodOptions(method="obs", calibration=[{"x": np.zeros((1, 32), np.float32)}], match_residual=1)
+
+
+def _two_stage_token_model():
+    """x [B, S, 4] @ W -> h; h + mean over tokens of h (no mask) -> @ V: only V's input mixes tokens."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["hm"], axes=[1], keepdims=1),
+             helper.make_node("Add", ["h", "hm"], ["hh"]), helper.make_node("MatMul", ["hh", "V"], ["out"])]
+    inits = [numpy_helper.from_array(weight((4, 6), 1), "W"), numpy_helper.from_array(weight((6, 3), 2), "V")]
+    return make_model(nodes, [vi("x", ["B", "S", 4]), vi("attention_mask", ["B", "S"], TensorProto.INT64)],
+                      [vi("out", ["B", "S", 3])], inits, opset=17)
+
+
+def test_trimming_is_checked_again_for_tensors_a_later_stage_reads():
+    model = _two_stage_token_model()
+    feeds, _ = _token_feeds()
+    index = GraphIndex(model)
+    weights = {w.name: w for w in find_weights(index, min_numel=1).weights}
+    views = {n: linear_view(weights[n], index)[0] for n in ("W", "V")}
+    fed = {n: numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n)) for n in views}
+    stats = {}
+    for trim in (True, False):
+        sm = StatsModel(model, dict(fed), views, open_calibration(feeds, model), batch_size=3)
+        if not trim:
+            sm.trimmed = False
+        first = sm.collect(StatsRequest({"W": views["W"]}, hessian=True))  # reads the graph input x
+        assert sm.trimmed is (True if trim else False)
+        stats[trim] = (first["W"], sm.collect(StatsRequest({"V": views["V"]}, hessian=True))["V"])
+        if trim:
+            assert sm.trimmed is False  # V's input changes when padding is cut: trimming is off from here
+    for got, want in zip(stats[True], stats[False]):
+        np.testing.assert_allclose(got.hessian, want.hessian, rtol=1e-6, atol=1e-9)
+
+
+def test_a_trimmed_run_that_fails_turns_trimming_off():
+    # a Reshape to a fixed token count works on the padded batch only
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["xr"]), helper.make_node("MatMul", ["xr", "W"], ["h"]),
+             helper.make_node("MatMul", ["h", "V"], ["out"])]
+    inits = [numpy_helper.from_array(np.array([-1, 10, 4], np.int64), "shape"),
+             numpy_helper.from_array(weight((4, 6), 1), "W"), numpy_helper.from_array(weight((6, 3), 2), "V")]
+    model = make_model(nodes, [vi("x", ["B", "S", 4]), vi("attention_mask", ["B", "S"], TensorProto.INT64)],
+                       [vi("out", ["B", 10, 3])], inits, opset=17)
+    sm, got, real = _stats(model, trim=True)
+    assert sm.trimmed is False and got["V"].rows == real
+
+
+def test_parallel_branches_do_not_cancel_each_others_error_twice():
+    from onnx_magprune.stats_graph import residual_inputs, settled, weight_dependencies
+
+    # y = x + relu(x @ P) @ A + relu(x @ Q) @ B: A's stream holds B's branch and the other way round
+    inits = [numpy_helper.from_array(weight(shape, seed), name) for name, shape, seed in
+             (("P", (8, 16), 21), ("Q", (8, 16), 22), ("A", (16, 8), 23), ("B", (16, 8), 24))]
+    nodes = [helper.make_node("MatMul", ["x", "P"], ["p"]), helper.make_node("Relu", ["p"], ["rp"]),
+             helper.make_node("MatMul", ["x", "Q"], ["q"]), helper.make_node("Relu", ["q"], ["rq"]),
+             helper.make_node("MatMul", ["rp", "A"], ["a"]), helper.make_node("MatMul", ["rq", "B"], ["b"]),
+             helper.make_node("Add", ["x", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 8])], inits)
+    index = GraphIndex(model)
+    weights = {w.name: w for w in find_weights(index, min_numel=1).weights}
+    views = {n: linear_view(weights[n], index)[0] for n in ("P", "Q", "A", "B")}
+    found = residual_inputs(model, views)
+    assert found == {"A": "x", "B": "xa"}
+    deps = weight_dependencies(model, views)
+    assert settled(found, deps, {"P", "Q"}) == {"A": "x"}  # xa depends on A, fitted in the same stage as B
+    assert settled(found, deps, {"P", "Q", "A"}) == found
+    x = _rows(300, 8, 25).astype(np.float32)
+    opts = MethodOptions(method="obs", calibration=[{"x": x}], holdout=0.0)
+    _, rep = prune_model(model, 0.5, "local", min_numel=1, method=opts)
+    by_name = {t.name: t.method for t in rep.tensors}
+    assert by_name["A"].get("matched_residual") == "x" and "matched_residual" not in by_name["B"]

@@ -38,6 +38,9 @@ def test_obs_remove_equals_least_squares_on_its_selection():
     removed, new = obs_remove(h, w, cols, 5, damp=1e-10)
     assert removed.tolist() == sorted(removed.tolist()) and len(removed) == 5
     np.testing.assert_allclose(new, lsq_refit(h, w, cols, removed, 1e-10), atol=1e-6)
+    # with real dampening both pull the kept rows toward their old values alike
+    removed_d, new_d = obs_remove(h, w, cols, 5, damp=0.1)
+    np.testing.assert_allclose(new_d, lsq_refit(h, w, cols, removed_d, 0.1), atol=1e-8)
     assert (new[removed] == 0).all() and (new[-1] != w[-1]).any()  # the bias row moved
     # the re-fit beats zeroing, and the greedy selection beats typical (random) selections re-fitted alike
     zeroed = w.copy()
