@@ -31,7 +31,7 @@ from .discovery import Skipped
 from .errors import ConfigError, NonFiniteWeightError
 from .graph_index import GraphIndex
 from .layer_stats import LayerStats, StatsModel, StatsRequest, stats_key
-from .stats_graph import residual_inputs, settled, topological_stages, weight_dependencies
+from .stats_graph import topological_stages
 from .layer_view import LinearView, linear_view
 from .methods import Method, MethodOptions
 from .obs import ObsParams, dense_target, nm_mask, obs_prune, obs_saliency, output_error, wanda_scores
@@ -145,8 +145,6 @@ class _Runner:
             self.stats_model = StatsModel(proto, fed, {self.targets[i].weight.name: self.views[i]
                                                        for i in self.calibrated},
                                           calibration, batch_size=opts.batch_size, threads=opts.threads)
-        self.residuals = residual_inputs(self.stats_model.model, self.stats_model.views) if self.stats_model else {}
-        self.residual_deps = weight_dependencies(self.stats_model.model, self.stats_model.views) if self.residuals else {}
         self.finished: set[str] = set()  # weights fitted in earlier stages of this step
         self.passes = 0
         self.per_row = [0] * len(self.targets)
@@ -189,12 +187,10 @@ class _Runner:
         for group in groups:
             if not group:
                 continue
-            names = {self.targets[i].weight.name for i in group}
-            request = StatsRequest({self.targets[i].weight.name: self.views[i] for i in group},
-                                   hessian=self.opts.needs_hessian, reference=reference,
-                                   residuals={k: v for k, v in settled(self.residuals, self.residual_deps,
-                                                                        self.finished).items() if k in names}
-                                   if self.opts.match_residual else {})
+            views = {self.targets[i].weight.name: self.views[i] for i in group}
+            residuals = (self.stats_model.residual_streams(views, self.finished)
+                         if reference and self.opts.match_residual else {})
+            request = StatsRequest(views, hessian=self.opts.needs_hessian, reference=reference, residuals=residuals)
             got = self.stats_model.collect(request, label=label, quiet=self.opts.quiet)
             self.passes += 1
             for i in group:
@@ -217,7 +213,7 @@ class _Runner:
         residual = stats.residual if self.opts.match_residual else None
         fit = dense_target(ref, stats.hessian, stats.cross, damp, residual)
         if residual is not None:
-            self.outcomes[i].matched_residual = self.residuals[name]
+            self.outcomes[i].matched_residual = stats.residual_of
         zeros = w == 0
         if zeros.any():
             fit = obs_prune(fit, stats.hessian, mask=zeros, params=ObsParams(self.opts.block_size, damp)).weights

@@ -38,7 +38,7 @@ import onnx
 from .calibration import CalibrationSet, effective_batch, model_inputs
 from .layer_view import LinearView
 from .progress import Progress
-from .stats_graph import residual_inputs, stats_proto
+from .stats_graph import residual_inputs, settled, stats_proto, weight_dependencies
 from .runtime import RuntimeFailure, _first_line
 
 
@@ -53,6 +53,7 @@ class LayerStats:
     masked_rows: int = 0  # padding rows left out
     cross: np.ndarray | None = None  # X^T X_ref: current rows against the reference model's rows
     residual: np.ndarray | None = None  # X^T (R_ref - R): rows against the residual stream's error [in, out]
+    residual_of: str | None = None  # the residual stream R
 
 
 @dataclass
@@ -154,6 +155,8 @@ class StatsModel:
     _session: object = field(default=None, repr=False)
     _mask_input: str | None = None
     trimmed: bool | None = None  # None: not tried yet; False: off for good; True: cut for the names checked
+    _residuals: dict[str, str] | None = field(default=None, repr=False)
+    _residual_deps: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         # the weights as given (not copied: fed arrays are replaced by set_weight, never changed in place)
@@ -243,6 +246,16 @@ class StatsModel:
                 return False
         return True
 
+    def residual_streams(self, names: Iterable[str], finished: Iterable[str]) -> dict[str, str]:
+        """The residual stream each of ``names`` adds into (:func:`~onnx_magprune.stats_graph.residual_inputs`),
+        for those whose stream depends on no fed weight outside ``finished`` (:func:`settled`)."""
+        if self._residuals is None:
+            self._residuals = residual_inputs(self.model, self.views)
+            fitted = set(self.views) | set(self.weights)
+            self._residual_deps = weight_dependencies(self.model, fitted) if self._residuals else {}
+        names = set(names)
+        return {k: r for k, r in settled(self._residuals, self._residual_deps, finished).items() if k in names}
+
     def changed(self) -> bool:
         """Whether any fed weight differs from its reference (the weights as given)."""
         return any(not np.array_equal(self.weights[k], self.reference[k]) for k in self.weights)
@@ -304,5 +317,5 @@ class StatsModel:
             result[name] = done[key]
             racc = res_accs.get(name)
             if racc is not None and racc.valid and racc.d is not None:
-                result[name] = replace(done[key], residual=racc.d)
+                result[name] = replace(done[key], residual=racc.d, residual_of=racc.name)
         return result

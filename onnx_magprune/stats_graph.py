@@ -31,9 +31,10 @@ def residual_inputs(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> 
     constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
                                                         if n.op_type == "Constant" and n.output}
     outputs = {o.name for o in graph.output}
+    top = {out for n in graph.node for out in n.output if out}  # outputs of top-level nodes
     out: dict[str, str] = {}
     for name, view in views.items():
-        if view.layout != "matmul_b" or view.node not in graph.node:
+        if view.layout != "matmul_b" or view.node.output[0] not in top:
             continue
         y = view.node.output[0]
         for step in range(2):

@@ -33,7 +33,7 @@ from . import __version__
 from .config import PruneConfig, Scope
 from .errors import ConfigError
 from .layer_stats import LayerStats, StatsModel, StatsRequest
-from .stats_graph import residual_inputs, settled, topological_stages, weight_dependencies
+from .stats_graph import topological_stages
 from .layer_view import ConvGeometry, LinearView
 from .methods import Method, MethodOptions
 from .obs import dense_target
@@ -326,11 +326,7 @@ class StructuredRun:
         residuals = {}
         if reference and self.method.match_residual:
             single = {gr.group.consumers[0].weight for gr in groups if len(gr.group.consumers) == 1}
-            model = self.stats_model.model
-            fitted = set(self.stats_model.weights)  # every fed consumer weight and bias
-            found = residual_inputs(model, views)
-            deps = weight_dependencies(model, fitted) if found else {}
-            residuals = {k: v for k, v in settled(found, deps, self._finished).items() if k in single}
+            residuals = self.stats_model.residual_streams(single, self._finished)
         return self.stats_model.collect(StatsRequest(views, hessian=True, reference=reference, residuals=residuals),
                                         label=label, quiet=self.method.quiet)
 
