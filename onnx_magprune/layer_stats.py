@@ -127,9 +127,9 @@ class _ResidualAcc:
     def add(self, x: np.ndarray, r: np.ndarray, r_ref: np.ndarray, row_mask: np.ndarray | None) -> None:
         if not self.valid:
             return
-        if (self.acc.view.layout != "matmul_b" or r.shape != r_ref.shape or r.shape[:-1] != x.shape[:-1]
-                or r.shape[-1] != self.width):
-            self.valid = False  # broadcast or another layout: the residual's rows are not the layer's rows
+        n_rows = self.acc.view.rows(x).shape[0]
+        if r.shape != r_ref.shape or not r.ndim or r.shape[-1] != self.width or r.size != n_rows * self.width:
+            self.valid = False  # broadcast or reshaped otherwise: the residual's rows are not the layer's rows
             return
         keep = row_mask.reshape(-1) != 0 if row_mask is not None else None
         rows = self.acc._rows(x, keep)

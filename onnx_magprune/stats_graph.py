@@ -19,39 +19,66 @@ def overridable_proto(model: onnx.ModelProto, fed: Iterable[str]) -> onnx.ModelP
 
 
 def residual_inputs(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> dict[str, str]:
-    """For each weight whose layer output (after an optional Add of a constant bias) is added to
-    another activation, the name of that activation: the residual stream the layer writes into.
-    Only top-level MatMul layers whose output feeds nothing else qualify (see :func:`settled`)."""
+    """For each weight whose layer output (after an optional Add of a constant bias, and any
+    reshapes) is added to another activation, the name of that activation: the residual stream
+    the layer writes into.  Only top-level MatMul (weight as B) and Gemm (no transA) layers whose
+    output feeds nothing else qualify; that the stream's rows are the layer's rows is checked on
+    the data (:class:`~onnx_magprune.layer_stats.StatsModel`).  See also :func:`settled`."""
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in set(node.input):
             if name:
                 consumers.setdefault(name, []).append(node)
-    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node
-                                                        if n.op_type == "Constant" and n.output}
+    constants = _constant_tensors(graph)
     outputs = {o.name for o in graph.output}
     top = {out for n in graph.node for out in n.output if out}  # outputs of top-level nodes
     out: dict[str, str] = {}
     for name, view in views.items():
-        if view.layout != "matmul_b" or view.node.output[0] not in top:
+        if view.layout not in _ROW_LAYOUTS or view.trans_a or view.node.output[0] not in top:
             continue
-        y = view.node.output[0]
-        for step in range(2):
+        y, biased = view.node.output[0], False
+        for _step in range(8):
             nodes = consumers.get(y, [])
-            if y in outputs or len(nodes) != 1 or nodes[0].op_type != "Add" or len(nodes[0].input) != 2:
+            if y in outputs or len(nodes) != 1:
                 break
-            other = nodes[0].input[1] if nodes[0].input[0] == y else nodes[0].input[0]
+            node = nodes[0]
+            if node.op_type in _RESHAPES and node.input[0] == y:
+                y = node.output[0]
+                continue
+            if node.op_type != "Add" or len(node.input) != 2:
+                break
+            other = node.input[1] if node.input[0] == y else node.input[0]
             if other == y:
                 break
             if other in constants:
-                if step == 0:
-                    y = nodes[0].output[0]  # the bias
-                    continue
-                break
+                if biased:
+                    break
+                y, biased = node.output[0], True  # the bias
+                continue
             out[name] = other
             break
     return out
+
+
+_ROW_LAYOUTS = ("matmul_b", "gemm_b", "gemm_bt")  # layers whose output rows are their input rows
+_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}  # row order kept (checked on the data)
+
+
+_RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"}
+
+
+def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Initializers, Constant outputs, and outputs of nodes that read only those (e.g. the
+    Identity of a shared bias PyTorch writes for parameters with equal values); nodes in order."""
+    inputs = {i.name for i in graph.input}
+    constants = {t.name for t in graph.initializer if t.name not in inputs}
+    for node in graph.node:
+        if node.op_type == "Constant" or (
+                node.input and all(i and i in constants for i in node.input) and node.op_type not in _RANDOM_OPS
+                and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)):
+            constants.update(o for o in node.output if o)
+    return constants
 
 
 def settled(residuals: Mapping[str, str], deps: Mapping[str, set[str]], finished: Iterable[str]) -> dict[str, str]:
