@@ -38,7 +38,7 @@ import onnx
 from .calibration import CalibrationSet, effective_batch, model_inputs
 from .layer_view import LinearView
 from .progress import Progress
-from .stats_graph import residual_inputs, settled, stats_proto, weight_dependencies
+from .stats_graph import Stream, residual_inputs, settled, stats_proto, weight_dependencies
 from .runtime import RuntimeFailure, _first_line
 
 
@@ -63,7 +63,7 @@ class StatsRequest:
     views: Mapping[str, LinearView]  # weight name -> view
     hessian: bool
     reference: bool = False  # also collect ``cross`` against the reference weights
-    residuals: Mapping[str, str] = field(default_factory=dict)  # weight -> residual tensor its output is added to
+    residuals: Mapping[str, Stream] = field(default_factory=dict)  # weight -> the residual stream it adds into
 
 
 def stats_key(view: LinearView) -> tuple:
@@ -119,16 +119,22 @@ class _ResidualAcc:
     """``X^T (R_ref - R)`` for one weight whose output is added to the residual stream ``R``."""
 
     acc: _Acc
-    name: str
+    stream: Stream
     width: int  # the layer's output width: the residual's last dimension must equal it
     d: np.ndarray | None = None
     valid: bool = True
 
-    def add(self, x: np.ndarray, r: np.ndarray, r_ref: np.ndarray, row_mask: np.ndarray | None) -> None:
+    @property
+    def name(self) -> str:
+        return self.stream.name
+
+    def add(self, x: np.ndarray, r: np.ndarray, r_ref: np.ndarray, side: np.ndarray,
+            row_mask: np.ndarray | None) -> None:
         if not self.valid:
             return
         n_rows = self.acc.view.rows(x).shape[0]
-        if r.shape != r_ref.shape or not r.ndim or r.shape[-1] != self.width or r.size != n_rows * self.width:
+        if (r.shape != r_ref.shape or r.shape != side.shape or not r.ndim or r.shape[-1] != self.width
+                or r.size != n_rows * self.width):
             self.valid = False  # broadcast or reshaped otherwise: the residual's rows are not the layer's rows
             return
         keep = row_mask.reshape(-1) != 0 if row_mask is not None else None
@@ -155,14 +161,15 @@ class StatsModel:
     _session: object = field(default=None, repr=False)
     _mask_input: str | None = None
     trimmed: bool | None = None  # None: not tried yet; False: off for good; True: cut for the names checked
-    _residuals: dict[str, str] | None = field(default=None, repr=False)
+    _residuals: dict[str, Stream] | None = field(default=None, repr=False)
     _residual_deps: dict[str, set[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         # the weights as given (not copied: fed arrays are replaced by set_weight, never changed in place)
         self.reference = dict(self.weights)
         self.proto = stats_proto(self.model, list(self.weights), self.views.values(),
-                                  extra_outputs=sorted(residual_inputs(self.model, self.views).values()))
+                                  extra_outputs=sorted({n for s in residual_inputs(self.model, self.views).values()
+                                                        for n in s}))
         specs = model_inputs(self.model)
         self.batch_size = effective_batch(self.batch_size, specs)
         self._mask_input = next((s.name for s in specs if s.name.endswith("attention_mask")
@@ -246,7 +253,7 @@ class StatsModel:
                 return False
         return True
 
-    def residual_streams(self, names: Iterable[str], finished: Iterable[str]) -> dict[str, str]:
+    def residual_streams(self, names: Iterable[str], finished: Iterable[str]) -> dict[str, Stream]:
         """The residual stream each of ``names`` adds into (:func:`~onnx_magprune.stats_graph.residual_inputs`),
         for those whose stream depends on no fed weight outside ``finished`` (:func:`settled`)."""
         if self._residuals is None:
@@ -272,7 +279,8 @@ class StatsModel:
         res_accs = {name: _ResidualAcc(accs[stats_key(request.views[name])], r,
                                        request.views[name].to_matrix(self.weights[name]).shape[0])
                     for name, r in request.residuals.items() if request.reference and name in request.views}
-        fetch = sorted({k[0] for k in accs if k[0] not in inputs} | {r.name for r in res_accs.values()} - inputs)
+        fetch = sorted({k[0] for k in accs if k[0] not in inputs}
+                       | {n for r in res_accs.values() for n in r.stream} - inputs)
         sess = self.session()
         total = self.calibration.count_batches(self.batch_size)
         with Progress(label, total, enabled=False if quiet else None) as bar:
@@ -304,7 +312,7 @@ class StatsModel:
                 for racc in res_accs.values():
                     x = outs[racc.acc.view.input_name]
                     lead = racc.acc.view.leading_shape(x)
-                    racc.add(x, outs[racc.name], refs[racc.name],
+                    racc.add(x, outs[racc.name], refs[racc.name], outs[racc.stream.side],
                              mask if mask is not None and lead == tuple(mask.shape) else None)
                 bar.update()
         result: dict[str, LayerStats] = {}

@@ -4,7 +4,7 @@ layers add into."""
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import onnx
 
@@ -18,24 +18,36 @@ def overridable_proto(model: onnx.ModelProto, fed: Iterable[str]) -> onnx.ModelP
     return stats_proto(model, fed, (), defaults=True)
 
 
-def residual_inputs(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> dict[str, str]:
+class Stream(NamedTuple):
+    """The residual stream a layer adds into: ``name`` is the stream's tensor, ``side`` the
+    layer's own input of that Add (the same shape when nothing broadcasts)."""
+
+    name: str
+    side: str
+
+
+def residual_inputs(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> dict[str, Stream]:
     """For each weight whose layer output (after an optional Add of a constant bias, and any
-    reshapes) is added to another activation, the name of that activation: the residual stream
-    the layer writes into.  Only top-level MatMul (weight as B) and Gemm (no transA) layers whose
-    output feeds nothing else qualify; that the stream's rows are the layer's rows is checked on
-    the data (:class:`~onnx_magprune.layer_stats.StatsModel`).  See also :func:`settled`."""
+    reshapes) is added to another activation, that activation: the residual stream the layer
+    writes into.  Only top-level MatMul (weight as B) and Gemm (no transA, alpha 1) layers whose
+    output feeds nothing else qualify; that the stream's rows are the layer's rows (same shape
+    as the layer's side of the Add) is checked on the data
+    (:class:`~onnx_magprune.layer_stats.StatsModel`).  See also :func:`settled`."""
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        for name in set(node.input):
+        for name in set(node.input) | _captured(node):  # subgraph reads count as consumers too
             if name:
                 consumers.setdefault(name, []).append(node)
     constants = _constant_tensors(graph)
     outputs = {o.name for o in graph.output}
     top = {out for n in graph.node for out in n.output if out}  # outputs of top-level nodes
-    out: dict[str, str] = {}
+    out: dict[str, Stream] = {}
     for name, view in views.items():
         if view.layout not in _ROW_LAYOUTS or view.trans_a or view.node.output[0] not in top:
+            continue
+        alpha = next((a.f for a in view.node.attribute if a.name == "alpha"), 1.0)
+        if view.op == "Gemm" and alpha != 1.0:  # the layer adds alpha x its product to the stream
             continue
         y, biased = view.node.output[0], False
         for _step in range(8):
@@ -56,7 +68,7 @@ def residual_inputs(model: onnx.ModelProto, views: Mapping[str, LinearView]) -> 
                     break
                 y, biased = node.output[0], True  # the bias
                 continue
-            out[name] = other
+            out[name] = Stream(other, y)
             break
     return out
 
@@ -71,8 +83,7 @@ _RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUnifo
 def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
     """Initializers, Constant outputs, and outputs of nodes that read only those (e.g. the
     Identity of a shared bias PyTorch writes for parameters with equal values); nodes in order."""
-    inputs = {i.name for i in graph.input}
-    constants = {t.name for t in graph.initializer if t.name not in inputs}
+    constants = {t.name for t in graph.initializer}  # those also listed as inputs too: calibration never feeds them
     for node in graph.node:
         if node.op_type == "Constant" or (
                 node.input and all(i and i in constants for i in node.input) and node.op_type not in _RANDOM_OPS
@@ -81,12 +92,13 @@ def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
     return constants
 
 
-def settled(residuals: Mapping[str, str], deps: Mapping[str, set[str]], finished: Iterable[str]) -> dict[str, str]:
+def settled(residuals: Mapping[str, Stream], deps: Mapping[str, set[str]],
+            finished: Iterable[str]) -> dict[str, Stream]:
     """The entries of ``residuals`` whose stream depends only on weights in ``finished``: a stream
     that still depends on a layer fitted at the same time (a parallel branch) or later would have
     its error corrected twice.  ``deps`` is :func:`weight_dependencies` over the calibrated weights."""
     done = set(finished)
-    return {k: r for k, r in residuals.items() if deps.get(r, set()) <= done}
+    return {k: r for k, r in residuals.items() if deps.get(r.name, set()) <= done}
 
 
 def stats_proto(model: onnx.ModelProto, fed: Iterable[str], views: Iterable[LinearView], *,
