@@ -202,7 +202,7 @@ class _Runner:
         output is asked for and some fed weight already differs from the dense one."""
         return self.opts.refits and self.opts.match_dense is not False and self.stats_model.changed()
 
-    def _fit_target(self, i: int, w: np.ndarray, stats: LayerStats | None, damp: float) -> np.ndarray | None:
+    def _fit_target(self, i: int, zeros: np.ndarray, stats: LayerStats | None, damp: float) -> np.ndarray | None:
         """The dense-output target of weight ``i`` (see :func:`~onnx_magprune.obs.dense_target`),
         with its already-zero entries pruned (and compensated), or None when it does not apply."""
         name = self.targets[i].weight.name
@@ -214,7 +214,6 @@ class _Runner:
         fit = dense_target(ref, stats.hessian, stats.cross, damp, residual)
         if residual is not None:
             self.outcomes[i].matched_residual = stats.residual_of
-        zeros = w == 0
         if zeros.any():
             fit = obs_prune(fit, stats.hessian, mask=zeros, params=ObsParams(self.opts.block_size, damp)).weights
         return fit
@@ -283,7 +282,7 @@ class _Runner:
         params = ObsParams(block_size=self.opts.block_size, damp=self._damp(i, stats) if stats else self.opts.damp)
         zeros = w == 0
         current = w  # score-based criteria rank the weights as they are; OBS and the re-fit use the target
-        fit = self._fit_target(i, w, stats, params.damp) if self.opts.refits else None
+        fit = self._fit_target(i, zeros, stats, params.damp) if self.opts.refits else None
         if fit is not None:  # errors below are measured against the fitted (dense-output) weights
             w = fit
             out.matched_dense = True

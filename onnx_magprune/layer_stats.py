@@ -80,6 +80,7 @@ class _Acc:
     col_sq: np.ndarray | None = None
     h: np.ndarray | None = None
     c: np.ndarray | None = None
+    last_rows: np.ndarray | None = field(default=None, repr=False)
 
     def _rows(self, x: np.ndarray, keep: np.ndarray | None, what: str = "") -> np.ndarray:
         rows = self.view.rows(x)
@@ -97,6 +98,7 @@ class _Acc:
             keep = row_mask.reshape(-1) != 0
             self.masked += int(keep.size - np.count_nonzero(keep))
         rows = self._rows(x, keep)
+        self.last_rows = rows  # this batch's rows, for a residual accumulator of the same layer
         self.rows += rows.shape[0]
         sq = np.einsum("ij,ij->j", rows, rows)
         self.col_sq = sq if self.col_sq is None else self.col_sq + sq
@@ -130,6 +132,7 @@ class _ResidualAcc:
 
     def add(self, x: np.ndarray, r: np.ndarray, r_ref: np.ndarray, side: np.ndarray,
             row_mask: np.ndarray | None) -> None:
+        """Called after ``acc.add`` for the same batch: its ``last_rows`` are this batch's rows."""
         if not self.valid:
             return
         n_rows = self.acc.view.rows(x).shape[0]
@@ -138,7 +141,7 @@ class _ResidualAcc:
             self.valid = False  # broadcast or reshaped otherwise: the residual's rows are not the layer's rows
             return
         keep = row_mask.reshape(-1) != 0 if row_mask is not None else None
-        rows = self.acc._rows(x, keep)
+        rows = self.acc.last_rows
         diff = (r_ref.astype(np.float64) - r.astype(np.float64)).reshape(-1, r.shape[-1])
         if keep is not None:
             diff = diff[keep]
@@ -161,15 +164,15 @@ class StatsModel:
     _session: object = field(default=None, repr=False)
     _mask_input: str | None = None
     trimmed: bool | None = None  # None: not tried yet; False: off for good; True: cut for the names checked
-    _residuals: dict[str, Stream] | None = field(default=None, repr=False)
-    _residual_deps: dict[str, set[str]] = field(default_factory=dict, repr=False)
+    _residuals: dict[str, Stream] = field(default_factory=dict, repr=False)  # set in __post_init__
+    _residual_deps: dict[str, set[str]] | None = field(default=None, repr=False)  # on first use
 
     def __post_init__(self):
         # the weights as given (not copied: fed arrays are replaced by set_weight, never changed in place)
         self.reference = dict(self.weights)
+        self._residuals = residual_inputs(self.model, self.views)
         self.proto = stats_proto(self.model, list(self.weights), self.views.values(),
-                                  extra_outputs=sorted({n for s in residual_inputs(self.model, self.views).values()
-                                                        for n in s}))
+                                 extra_outputs=sorted({n for s in self._residuals.values() for n in s}))
         specs = model_inputs(self.model)
         self.batch_size = effective_batch(self.batch_size, specs)
         self._mask_input = next((s.name for s in specs if s.name.endswith("attention_mask")
@@ -256,8 +259,7 @@ class StatsModel:
     def residual_streams(self, names: Iterable[str], finished: Iterable[str]) -> dict[str, Stream]:
         """The residual stream each of ``names`` adds into (:func:`~onnx_magprune.stats_graph.residual_inputs`),
         for those whose stream depends on no fed weight outside ``finished`` (:func:`settled`)."""
-        if self._residuals is None:
-            self._residuals = residual_inputs(self.model, self.views)
+        if self._residual_deps is None:
             fitted = set(self.views) | set(self.weights)
             self._residual_deps = weight_dependencies(self.model, fitted) if self._residuals else {}
         names = set(names)
