@@ -10,6 +10,9 @@ Per model:
    sweep and the search never saw) of local magnitude (every weight at S),
    global magnitude (one threshold) and the sensitivity allocation at S
    (Lagrange bisection over the curves), at several overall sparsities S;
+   the same for the obs criterion (``allocation_variants``: one-shot OBS
+   variants from the dense model's statistics on the search samples): every
+   weight at S ("obs local") and allocated from its own sweep ("obs allocated");
 3. budgets: the held-out drift global magnitude gives at 50% and at 70%.  For
    each budget and method, the highest overall sparsity whose held-out drift
    stays within it (bisection on S, the same procedure for all three);
@@ -46,12 +49,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 from onnx_magprune.allocation import make_curve  # noqa: E402
+from onnx_magprune.allocation_variants import CriterionSpace  # noqa: E402
 from onnx_magprune.allocation_search import AllocationOptions, _global_levels, _local_levels, _Search, \
     allocate_model  # noqa: E402
 from onnx_magprune.calibration import open_calibration  # noqa: E402
 from onnx_magprune.config import PruneConfig  # noqa: E402
 from onnx_magprune.drift import Metric  # noqa: E402
 from onnx_magprune.evaluator import DriftEvaluator, DriftSpec  # noqa: E402
+from onnx_magprune.methods import MethodOptions  # noqa: E402
 from onnx_magprune.selection import target_count  # noqa: E402
 from onnx_magprune.sensitivity import open_model, run_sweep  # noqa: E402
 from onnx_magprune.validate import RuntimeOptions  # noqa: E402
@@ -137,22 +142,38 @@ def run_model(m: dict, levels, table, n_threads: int) -> dict:
     wc = {i: make_curve(c.numel, c.levels, c.drift, c.bounds, quadrature=True) for i, c in zip(pool, curves)}
     search = _Search(space, search_ev, wc, True)
     s_alloc_max = sum(wc[i].k_hi for i in pool) / n
+    # the calibrated criterion: one-shot OBS variants from the dense model's statistics on the search samples
+    obs_method = MethodOptions(method="obs", calibration=search_data, holdout=0.0)
+    t0 = time.perf_counter()
+    ospace = CriterionSpace.build_for(proto, PruneConfig(), obs_method, search_data)
+    if ospace.pool != pool:
+        raise RuntimeError("the obs space found other weights")
+    ocurves = run_sweep(ospace, search_ev, pool, levels, quiet=False)
+    obs_sweep_s = time.perf_counter() - t0
+    owc = {i: make_curve(c.numel, c.levels, c.drift, c.bounds, quadrature=True) for i, c in zip(pool, ocurves)}
+    osearch = _Search(ospace, search_ev, owc, True)
+    o_alloc_max = sum(owc[i].k_hi for i in pool) / n
+    log(f"{m['name']}: obs statistics + sweep in {obs_sweep_s:.1f} s")
     methods = {
-        "local": lambda s: _local_levels(space, pool, s),
-        "global": lambda s: _global_levels(space, pool, s),
-        "allocated": lambda s: search.allocation(target_count(min(s, s_alloc_max), n)),
+        "local": (space, lambda s: _local_levels(space, pool, s)),
+        "global": (space, lambda s: _global_levels(space, pool, s)),
+        "allocated": (space, lambda s: search.allocation(target_count(min(s, s_alloc_max), n))),
+        "obs local": (ospace, lambda s: _local_levels(ospace, pool, s)),
+        "obs allocated": (ospace, lambda s: osearch.allocation(target_count(min(s, o_alloc_max), n))),
     }
+    caps = {"allocated": s_alloc_max, "obs allocated": o_alloc_max}
     held_evals = {"n": 0}
 
     def held(method: str, s: float) -> float:
         held_evals["n"] += 1
-        return held_ev.drift(space.overrides(methods[method](s)))
+        sp, levels_at = methods[method]
+        return held_ev.drift(sp.overrides(levels_at(s)))
 
     rows = []
     for s in table:
         row = {"sparsity": s}
         for name in methods:
-            row[name] = held(name, s) if name != "allocated" or s <= s_alloc_max else None
+            row[name] = held(name, s) if s <= caps.get(name, 1.0) else None
         rows.append(row)
         log(f"{m['name']}: {s:.0%}: " + ", ".join(f"{k} {row[k]:.4f}" for k in methods if row[k] is not None))
     budgets = []
@@ -162,7 +183,7 @@ def run_model(m: dict, levels, table, n_threads: int) -> dict:
         entry = {"budget": budget, "budget_from": f"global magnitude at {at:.0%}", "methods": {}}
         for name in methods:
             known = [(r["sparsity"], r[name]) for r in rows if r[name] is not None]
-            s_max = s_alloc_max if name == "allocated" else 0.99
+            s_max = min(caps.get(name, 0.99), 0.99)
             s, d, ev = sparsity_at(lambda x, name=name: held(name, x), budget, s_max, known)
             entry["methods"][name] = {"sparsity": s, "held_out_drift": d, "evaluations": ev}
         t1 = time.perf_counter()
@@ -174,18 +195,33 @@ def run_model(m: dict, levels, table, n_threads: int) -> dict:
             "sparsity": res.report["pool_sparsity"], "search_drift": res.report["measured_drift"],
             "predicted_drift": res.report["predicted_drift"], "held_out_drift": held_ev.drift(space.overrides(lv)),
             "search_evaluations": res.report["evaluations"]["search"], "seconds": round(time.perf_counter() - t1, 2)}
+        t1 = time.perf_counter()
+        res = allocate_model(proto, PruneConfig(), AllocationOptions(
+            calibration=search_data, target_drift=budget, metric="rel_l2", output=m["output"], holdout=0.0,
+            levels=levels, runtime=runtime), sweep=ocurves, method=obs_method)
+        crit = res.report["criterion"]
+        entry["tool_obs_target_drift"] = {
+            "sparsity": res.report["pool_sparsity"], "search_drift": res.report["measured_drift"],
+            "held_out_drift": held_ev.drift(res.arrays), "final": crit["final"],
+            "one_shot_sparsity": crit["one_shot_sparsity"], "pipeline_runs": crit["pipeline_runs"],
+            "search_evaluations": res.report["evaluations"]["search"], "seconds": round(time.perf_counter() - t1, 2)}
         g, a, loc = (entry["methods"][k]["sparsity"] for k in ("global", "allocated", "local"))
         entry["allocated_minus_global_pp"] = round(100 * (a - g), 2)
+        entry["obs_allocated_minus_global_pp"] = round(100 * (entry["methods"]["obs allocated"]["sparsity"] - g), 2)
+        entry["tool_obs_minus_global_pp"] = round(100 * (entry["tool_obs_target_drift"]["sparsity"] - g), 2)
         entry["global_minus_local_pp"] = round(100 * (g - loc), 2)
         budgets.append(entry)
         log(f"{m['name']}: budget {budget:.4f}: local {loc:.4f}, global {g:.4f}, allocated {a:.4f}, "
-            f"tool {entry['tool_target_drift']['sparsity']:.4f}")
+            f"obs allocated {entry['methods']['obs allocated']['sparsity']:.4f}, "
+            f"tool {entry['tool_target_drift']['sparsity']:.4f}, "
+            f"tool obs {entry['tool_obs_target_drift']['sparsity']:.4f}")
     return {"model": m["name"], "data": m["split"], "output": m["output"], "metric": "rel_l2",
             "prunable_weights": len(pool), "prunable_params": n, "levels": list(levels),
             "sweep": {"evaluations": sweep_evals, "seconds": round(sweep_s, 2),
                       "evaluations_per_second": round(sweep_evals / sweep_s, 2), "sessions": 1},
+            "obs_sweep": {"seconds": round(obs_sweep_s, 2), "statistics_passes": ospace.passes},
             "table": rows, "budgets": budgets, "held_out_evaluations": held_evals["n"],
-            "allocation_max_sparsity": s_alloc_max}
+            "allocation_max_sparsity": s_alloc_max, "obs_allocation_max_sparsity": o_alloc_max}
 
 
 def targets(results: list[dict]) -> dict:
@@ -193,6 +229,10 @@ def targets(results: list[dict]) -> dict:
     return {
         "allocated_10pp_above_global": {f"{m} @ {b['budget_from']}": b["allocated_minus_global_pp"] >= 10
                                         for m, b in entries},
+        "obs_allocated_10pp_above_global": {f"{m} @ {b['budget_from']}": b["obs_allocated_minus_global_pp"] >= 10
+                                            for m, b in entries},
+        "tool_obs_10pp_above_global": {f"{m} @ {b['budget_from']}": b["tool_obs_minus_global_pp"] >= 10
+                                       for m, b in entries},
         "global_at_least_local": {f"{m} @ {b['budget_from']}": b["global_minus_local_pp"] >= 0 for m, b in entries},
     }
 
@@ -215,26 +255,42 @@ def readme_section(result: dict) -> str:
                   f"{r['prunable_params']:,} prunable parameters in {r['prunable_weights']} weights; {r['data']}; "
                   f"output `{r['output']}`. Sweep: {r['sweep']['evaluations']} evaluations in "
                   f"{r['sweep']['seconds']} s ({r['sweep']['evaluations_per_second']}/s, one session).", "",
-                  "| overall sparsity | local | global | allocated |", "|---|---|---|---|"]
-        lines += [f"| {row['sparsity']:.0%} | {_f(row['local'])} | {_f(row['global'])} | {_f(row['allocated'])} |"
-                  for row in r["table"]]
+                  "| overall sparsity | local | global | allocated | obs local | obs allocated |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {row['sparsity']:.0%} | {_f(row['local'])} | {_f(row['global'])} | {_f(row['allocated'])} | "
+                  f"{_f(row['obs local'])} | {_f(row['obs allocated'])} |" for row in r["table"]]
         lines += ["", "| drift budget (held out) | local | global | allocated | allocated - global | "
-                      "`prune --target-drift` (held-out drift) |", "|---|---|---|---|---|---|"]
+                      "`prune --target-drift` (held-out drift) | obs allocated | obs allocated - global | "
+                      "`prune --method obs --target-drift` (held-out drift) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for b in r["budgets"]:
-            mm, tool = b["methods"], b["tool_target_drift"]
+            mm, tool, tobs = b["methods"], b["tool_target_drift"], b["tool_obs_target_drift"]
             lines.append(f"| {b['budget']:.4f} ({b['budget_from']}) | {mm['local']['sparsity']:.1%} | "
                          f"{mm['global']['sparsity']:.1%} | {mm['allocated']['sparsity']:.1%} | "
                          f"{b['allocated_minus_global_pp']:+.1f} pp | {tool['sparsity']:.1%} "
-                         f"({tool['held_out_drift']:.4f}) |")
-        lines.append("")
+                         f"({tool['held_out_drift']:.4f}) | {mm['obs allocated']['sparsity']:.1%} | "
+                         f"{b['obs_allocated_minus_global_pp']:+.1f} pp | {tobs['sparsity']:.1%} "
+                         f"({tobs['held_out_drift']:.4f}) |")
+        lines += ["", f"obs: statistics (one pass) and sweep {r['obs_sweep']['seconds']} s. The tool's obs runs "
+                  "(one-shot search, then the method's own pipeline raised the level): "
+                  + "; ".join(f"{b['tool_obs_target_drift']['one_shot_sparsity']:.1%} -> "
+                              f"{b['tool_obs_target_drift']['sparsity']:.1%} in "
+                              f"{len(b['tool_obs_target_drift']['pipeline_runs'])} pipeline runs, "
+                              f"{b['tool_obs_target_drift']['seconds']:.0f} s" for b in r["budgets"]) + ".", ""]
     t = result["targets"]
     met10 = [k for k, v in t["allocated_10pp_above_global"].items() if v]
     miss10 = [k for k, v in t["allocated_10pp_above_global"].items() if not v]
     gl = [k for k, v in t["global_at_least_local"].items() if not v]
-    lines.append(f"Allocated at least 10 points above global at the same budget: met for {len(met10)} of "
-                 f"{len(met10) + len(miss10)} budgets" + (f" (missed: {', '.join(miss10)})" if miss10 else "") + ". "
-                 "Global at least as good as local: " + ("met everywhere." if not gl else
-                                                         f"missed for {', '.join(gl)}."))
+    lines.append(f"Allocated (magnitude criterion) at least 10 points above global at the same budget: met for "
+                 f"{len(met10)} of {len(met10) + len(miss10)} budgets"
+                 + (f" (missed: {', '.join(miss10)})" if miss10 else "") + ". ")
+    for key, what in (("obs_allocated_10pp_above_global", "Allocated with the obs criterion"),
+                      ("tool_obs_10pp_above_global", "`prune --method obs --target-drift`")):
+        miss = [k for k, v in t[key].items() if not v]
+        lines[-1] += (f"{what}: met for {len(t[key]) - len(miss)} of {len(t[key])}"
+                      + (f" (missed: {', '.join(miss)})" if miss else "") + ". ")
+    lines[-1] += "Global at least as good as local: " + ("met everywhere." if not gl else
+                                                           f"missed for {', '.join(gl)}.")
     return "\n".join(lines)
 
 

@@ -21,12 +21,27 @@ def allocation_lines(a: dict[str, Any]) -> list[str]:
              f"(on {a['search_data']['description']})",
              f"  {ev['total']} model evaluations ({ev['sweep']} sweep, {ev['search']} search, {ev['tradeoff']} tradeoff), "
              f"{a['sessions']} ONNX Runtime session(s), {a['seconds']['total']:.1f} s; chosen by {a['chosen_by']}"]
+    lines += [f"  {line}" for line in criterion_lines(a.get("criterion"))]
     width = max((len(w["name"]) for w in a["weights"]), default=6)
     for w in a["weights"]:
         tag = " (fixed)" if w["selection"] == "fixed" else ""
         lines.append(f"  {w['name'].ljust(width)}  {w['sparsity']:.4f}{tag}")
     lines += [f"  note: {n}" for n in a["notes"]]
     return lines
+
+
+def criterion_lines(c: dict[str, Any] | None) -> list[str]:
+    """A calibrated criterion's search: the one-shot level, each pipeline run, what was written."""
+    if not c:
+        return []
+    runs = "; ".join(f"{r['sparsity']:.4f} measured {_f(r['measured_drift'])}" + (" kept" if r["kept"] else "")
+                     for r in c["pipeline_runs"])
+    out = [f"criterion {c['method']}: one-shot variants {c['one_shot_sparsity']:.4f} "
+           f"(drift {_f(c['one_shot_drift'])}); pipeline runs: {runs or 'none'}",
+           f"written: {c['final']}"]
+    if c.get("fallback"):
+        out.append(f"magnitude instead for {len(c['fallback'])} weight(s) (see criterion.fallback)")
+    return out
 
 
 def allocation_markdown(a: dict[str, Any], markdown_path: str | None = None) -> str:
@@ -39,6 +54,7 @@ def allocation_markdown(a: dict[str, Any], markdown_path: str | None = None) -> 
            "|---|---|---|---|---|---|",
            f"| {a['pool_sparsity']:.4f} | {_f(a['predicted_drift'])} | {_f(a['measured_drift'])} | "
            f"{_f(a['verified_drift'])} | {a['evaluations']['total']} | {a['sessions']} |", "",
+           *[f"{line}  " for line in criterion_lines(a.get("criterion"))], "",
            "| weight | params | sparsity | selection |", "|---|---|---|---|"]
     out += [f"| `{w['name']}` | {w['numel']:,} | {w['sparsity']:.4f} | {w['selection']} |" for w in a["weights"]]
     plots = a.get("plots") or {}

@@ -63,6 +63,7 @@ class AllocationOptions:
     jobs: int = 1
     tolerance: float = 0.005  # overall sparsity resolution of the measured bisection
     max_evaluations: int = 12  # combined-model evaluations of the search
+    pipeline_runs: int = 4  # calibrated criteria: runs of the method's own pipeline (see _method_final)
     tradeoff: bool = False  # also measure local / global / allocated at every level (for plots)
     plots: str | None = None  # directory for PNG plots (implies tradeoff)
     groups: tuple[str, ...] = ()  # name globs: the weights one glob matches share one sparsity
@@ -82,7 +83,7 @@ class AllocationOptions:
             raise ConfigError(f"{what} needs calibration data: pass --calibration")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
             raise ConfigError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
-        for name, low in (("jobs", 1), ("max_evaluations", 1)):
+        for name, low in (("jobs", 1), ("max_evaluations", 1), ("pipeline_runs", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
@@ -99,9 +100,9 @@ class AllocationOptions:
             raise ConfigError("--target-drift chooses the sparsity: drop --sparsity (or use --allocate sensitivity)")
         if self.target_drift is None and cfg.sparsity is None:
             raise ConfigError("--allocate sensitivity needs --sparsity S (or --target-drift X instead)")
-        if method is not None and not method.is_plain(False):
-            raise ConfigError("--target-drift / --allocate sensitivity work with plain magnitude pruning only "
-                              "(no --method wanda/obs, --refit, --pattern or --steps)")
+        if method is not None and (method.pattern is not None or method.steps != 1):
+            raise ConfigError("--target-drift / --allocate sensitivity choose unstructured per-weight sparsities "
+                              "in one step: drop --pattern and --steps")
         if cfg.scope.value == "output":
             raise ConfigError("--target-drift / --allocate sensitivity choose a sparsity per weight: "
                               "--scope output does not apply")
@@ -116,11 +117,15 @@ def _enum(cls, value, where):
 
 @dataclass
 class AllocationResult:
-    levels: dict[str, float]  # weight name -> sparsity (pool and fixed weights)
+    levels: dict[str, float]  # weight name -> sparsity (pool and fixed weights; 0.0 for weights it cannot feed)
     report: dict[str, Any]
     curves: list[Curve]
     held_out: Any = None  # the calibration samples the search never saw (for validation)
     tradeoff: dict[str, list[dict[str, float]]] | None = None
+    # calibrated criteria: the chosen weights exactly as measured (name -> stored array), and per weight
+    # what the criterion did; prune writes these instead of running the method again
+    arrays: dict[str, Any] | None = None
+    outcomes: dict[str, Any] | None = None
 
 
 def escape_glob(name: str) -> str:
@@ -203,14 +208,13 @@ def _local_levels(space: PruningSpace, pool: list[int], sparsity: float) -> dict
     return out
 
 
-def _plain_drift(model: onnx.ModelProto, space: PruningSpace, levels: dict[int, float], evaluator: DriftEvaluator,
+def _plain_drift(model: onnx.ModelProto, repl: dict[str, Any], evaluator: DriftEvaluator,
                  runtime: RuntimeOptions) -> float:
-    """Drift of the model with ``levels`` applied, run exactly as written (weights as initializers)."""
+    """Drift of the model with the weights in ``repl`` replaced, run exactly as written (weights as initializers)."""
     from .evaluator import _Session, _State
 
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
-    repl = space.overrides(levels)
     from onnx import numpy_helper
 
     for t in pruned.graph.initializer:
@@ -235,13 +239,21 @@ def _plain_drift(model: onnx.ModelProto, space: PruningSpace, levels: dict[int, 
 
 
 def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOptions,
-                   sweep: list[Curve] | None = None) -> AllocationResult:
+                   sweep: list[Curve] | None = None, method: MethodOptions | None = None) -> AllocationResult:
     """Per-weight sparsities for ``model`` (weights in memory) under ``cfg``'s rules and ``opts``.
-    ``sweep``: curves of an earlier sweep of the same pool on the same data (skips the sweep)."""
+    ``sweep``: curves of an earlier sweep of the same pool on the same data (skips the sweep).
+    ``method``: a calibrated criterion (wanda, obs, --refit): the sweep and the search measure its
+    one-shot variants (see allocation_variants), and the result carries the chosen weights."""
     start = time.perf_counter()
     calib = open_calibration(opts.calibration, model, labels=opts.labels, max_samples=opts.max_samples)
     fit, held = split_holdout(calib, opts.holdout)
-    space = PruningSpace.build(model, cfg)
+    calibrated = method is not None and method.needs_calibration
+    if calibrated:
+        from .allocation_variants import CriterionSpace
+
+        space = CriterionSpace.build_for(model, cfg, replace(method, quiet=opts.quiet), fit)
+    else:
+        space = PruningSpace.build(model, cfg)
     pool = space.pool
     if not pool:
         raise ConfigError("nothing to allocate: every prunable weight is excluded or has a fixed sparsity")
@@ -289,16 +301,21 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
     else:
         levels, measured, feasible = _target_search(search, opts, notes)
     final_levels, final_measured = levels, measured
-    verified = _plain_drift(model, space, {**fixed, **final_levels}, evaluator, opts.runtime)
+    verified = _plain_drift(model, space.overrides({**fixed, **final_levels}), evaluator, opts.runtime)
     if opts.target_drift is not None:
         while verified > opts.target_drift and feasible:
             notes.append(f"the plain model measured {verified:.6g} > {opts.target_drift} at "
                          f"{_overall(space, pool, final_levels):.4f}: the next lower level was taken")
             _k, final_levels, final_measured = feasible.pop()
-            verified = _plain_drift(model, space, {**fixed, **final_levels}, evaluator, opts.runtime)
+            verified = _plain_drift(model, space.overrides({**fixed, **final_levels}), evaluator, opts.runtime)
         if verified > opts.target_drift:
             raise GateFailed(f"--target-drift {opts.target_drift}: even the least pruning the config allows "
                              f"measures {verified:.6g} ({describe(opts.metric)}) on the calibration data")
+    arrays = outcomes = criterion = None
+    if calibrated:
+        final = _method_final(model, cfg, search, final_levels, method, fit, opts, verified)
+        arrays, outcomes, criterion = final.arrays, final.outcomes, final.info
+        final_levels, final_measured, verified = final.levels, final.measured, final.verified
     search_evals = evaluator.evaluations - sweep_evals
     tradeoff = None
     if opts.tradeoff or opts.plots:
@@ -306,6 +323,7 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
     names = space.names
     chosen = {names[i]: final_levels[i] for i in pool}
     chosen.update({names[i]: s for i, s in fixed.items()})
+    chosen.update({name: 0.0 for name in space.unfed})  # (a session cannot feed them: left unpruned)
     ulevels = search.unit_levels(final_levels)
     weights = [{"name": names[i], "numel": space.numel(i), "sparsity": chosen[names[i]],
                 "selection": "fixed" if i in fixed else "allocated",
@@ -340,14 +358,16 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
         "evaluations": {"sweep": sweep_evals, "search": search_evals,
                         "tradeoff": evaluator.evaluations - sweep_evals - search_evals,
                         "total": evaluator.evaluations, "dense_reference_runs": 2},
-        "sessions": evaluator.sessions_created,
+        "sessions": evaluator.sessions_created + (space.stats_sessions + sum(
+            r.get("sessions", 0) for r in criterion["pipeline_runs"]) if criterion else 0),
         "seconds": {"total": round(seconds, 3), "sweep": round(sweep_seconds, 3),
                     "setup": round(evaluator.setup_seconds, 3)},
         "evaluations_per_second": round(sweep_evals / sweep_seconds, 2) if sweep_seconds > 0 else None,
         "plots": None,
         "notes": notes,
+        "criterion": criterion,
     }
-    return AllocationResult(chosen, report, sweep_curves, held, tradeoff)
+    return AllocationResult(chosen, report, sweep_curves, held, tradeoff, arrays, outcomes)
 
 
 def _overall(space: PruningSpace, pool: list[int], levels: dict[int, float]) -> float:
@@ -421,3 +441,95 @@ def _tradeoff(search: _Search, space: PruningSpace, pool: list[int], levels) -> 
             drift = search.evaluator.drift(space.overrides({**search.fixed, **chosen}))
             out[name].append({"sparsity": _overall(space, pool, chosen), "drift": drift})
     return out
+
+
+@dataclass
+class _Final:
+    arrays: dict[str, Any]
+    outcomes: dict[str, dict]
+    info: dict[str, Any]
+    levels: dict[int, float]
+    measured: float
+    verified: float
+
+
+def _pipeline(model: onnx.ModelProto, cfg: PruneConfig, names: list[str], levels: dict[int, float],
+              method: MethodOptions, fit, quiet: bool):
+    """The method's own run (sequential stages, re-fits to the dense output) at ``levels``, on a copy of
+    ``model``: (name -> stored array of every weight with a level > 0, name -> outcome, run info)."""
+    from .calibrated import run_calibrated
+    from .tensor_data import TensorStore
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    by_name = {names[i]: s for i, s in levels.items()}
+    cfg_levels = with_allocation(cfg, by_name)
+    on_copy = PruningSpace.build(copy, cfg_levels)
+    done = run_calibrated(copy, on_copy.targets, on_copy.values, cfg_levels, replace(method, quiet=quiet), fit,
+                          TensorStore(None))
+    after = PruningSpace.build(copy, cfg_levels)  # the weights as the run stored them
+    arrays = {n: after.dense(j) for j, n in enumerate(after.names) if by_name.get(n, 0) > 0}
+    outcomes = {t.weight.name: o.to_dict() for t, o in zip(done.targets, done.outcomes) if t.weight.name in arrays}
+    return arrays, outcomes, done.info
+
+
+def _method_final(model: onnx.ModelProto, cfg: PruneConfig, search: _Search, levels: dict[int, float],
+                  method: MethodOptions, fit, opts: AllocationOptions, verified: float) -> _Final:
+    """The weights prune writes for a calibrated criterion.
+
+    The search measured one-shot variants (see allocation_variants) and chose ``levels``
+    (``verified``: their drift run as written).  The method's own pipeline is then run at those
+    levels and kept when it measures no more drift (and, with --target-drift, stays within the
+    budget when run as written).  It usually measures clearly less, so with --target-drift the
+    overall level is raised by a short bisection on the pipeline's own measured drift
+    (``opts.pipeline_runs`` runs in all).  Whatever is written is exactly what was measured."""
+    space, evaluator = search.space, search.evaluator
+    names, fixed = space.names, search.fixed
+    one_shot = space.overrides({**fixed, **levels})
+    one_shot_measured = evaluator.drift(one_shot)
+    info: dict[str, Any] = {
+        "method": method.method.value,
+        "variants": "one-shot: each weight pruned alone from the dense model's statistics (one pass)",
+        "statistics": fit.description,
+        "statistics_passes": space.passes,
+        "fallback": dict(space.fallback),
+        "one_shot_sparsity": _overall(space, search.pool, levels),
+        "one_shot_drift": one_shot_measured,
+        "pipeline_runs": [],
+    }
+    budget = opts.target_drift
+    best = _Final(one_shot, {names[i]: space.outcome(i, s) for i, s in {**fixed, **levels}.items() if s > 0},
+                  info, levels, one_shot_measured, verified)
+    lo_k = sum(round(levels[i] * space.numel(i)) for i in search.pool)
+    hi_k = max_zeros(search.ucurves) + 1
+    tol = max(1, int(opts.tolerance * search.pool_numel))
+    k, trial = lo_k, levels
+    for run_no in range(opts.pipeline_runs):
+        arrays, outcomes, run_info = _pipeline(model, cfg, names, {**fixed, **trial}, method, fit, opts.quiet)
+        measured = evaluator.drift(arrays)
+        ok = measured <= (best.measured if run_no == 0 else budget)
+        plain = None
+        if ok:
+            plain = _plain_drift(model, arrays, evaluator, opts.runtime)
+            ok = budget is None or plain <= budget
+        info["pipeline_runs"].append({"sparsity": _overall(space, search.pool, trial), "measured_drift": measured,
+                                      "plain_drift": plain, "kept": ok,
+                                      **{key: run_info[key] for key in ("passes", "sessions", "seconds")
+                                         if key in run_info}})
+        if ok:
+            best = _Final(arrays, outcomes, info, trial, measured, plain)
+            lo_k = k
+        else:
+            hi_k = k
+        if budget is None or (run_no == 0 and not ok):
+            break  # --sparsity S: the level is given; a pipeline worse than the variants: keep the variants
+        scale = measured / search.predicted(trial) if search.predicted(trial) > 0 else 1.0
+        nxt = search.zeros_for(budget, scale)
+        if not lo_k + tol // 2 < nxt < hi_k - tol // 2:
+            nxt = (lo_k + hi_k) // 2
+        if hi_k - lo_k <= tol or nxt <= lo_k:
+            break
+        k, trial = nxt, search.allocation(nxt)
+    info["final"] = ("pipeline: the method's own run" if best.arrays is not one_shot
+                     else "one-shot variants: the method's own run measured more drift")
+    return best

@@ -28,7 +28,7 @@ from .model_io import (
     stage_repacked,
 )
 from .discovery import Skipped
-from .calibrated import run_calibrated
+from .calibrated import apply_arrays, run_calibrated
 from .calibration import open_calibration, split_holdout
 from .encoding import Format, Objective, decode_model, decode_own, has_own_encoding, encode_tensors, parse_format, parse_objective
 from .methods import MethodOptions
@@ -114,7 +114,7 @@ class _Run:
 
     def __init__(self, loaded: LoadedModel, store: TensorStore, cfg: PruneConfig, params: SelectionParams,
                  *, prune: bool, output: str | None, stream: bool = False,
-                 method: MethodOptions | None = None, statistics=None):
+                 method: MethodOptions | None = None, statistics=None, chosen=None):
         self.loaded, self.cfg, self.prune, self.output = loaded, cfg, prune, output
         self.method = method if method is not None and not method.is_plain(cfg.scope is Scope.OUTPUT) else None
         self.outcomes = None
@@ -136,8 +136,12 @@ class _Run:
         self.skipped = skipped + unfit
         self.stats: list[ApplyStats | None] = [None] * len(self.targets)
         self.plans = None
-        if prune and self.method is not None:
+        if prune and chosen is not None:  # weights a calibrated allocation chose and measured
+            done = apply_arrays(self.targets, self.values, chosen.arrays, chosen.outcomes, store,
+                                {"chosen_by": "allocation", **chosen.report.get("criterion", {})})
+        elif prune and self.method is not None:
             done = run_calibrated(loaded.proto, self.targets, self.values, cfg, self.method, statistics, store)
+        if prune and (chosen is not None or self.method is not None):
             self.targets, self.values, self.stats = done.targets, done.values, list(done.stats)
             self.skipped += done.skipped
             self.outcomes = done.outcomes
@@ -279,10 +283,18 @@ def _allocated(loaded: LoadedModel, cfg: PruneConfig, method: MethodOptions | No
 
     allocation.check(cfg, method)
     internalize_external_data(loaded)
-    alloc = allocate_model(loaded.proto, cfg, allocation)
+    alloc = allocate_model(loaded.proto, cfg, allocation, method=method)
     if validation is not None and alloc.held_out is not None:
         validation = replace(validation, calibration=alloc.held_out, labels=None, max_samples=None)
     return with_allocation(cfg, alloc.levels), alloc, validation
+
+
+def _chosen(alloc, where):
+    """A calibrated allocation's chosen weights (written as measured, the method is not run again),
+    and where the statistics came from (the allocation's search samples, then)."""
+    if alloc is None or alloc.arrays is None:
+        return None, where
+    return alloc, None
 
 
 def inspect_model(
@@ -329,7 +341,9 @@ def prune_model(
     if structured is not None:  # whole units removed: see structured_run
         return PruneResult(loaded.proto, _structured(loaded, cfg, structured, method, fit, where, fmt, None).report())
     cfg, alloc, _ = _allocated(loaded, cfg, method, allocation, None)
-    run = _Run(loaded, TensorStore(None), cfg, params, prune=True, output=None, method=method, statistics=fit)
+    chosen, where = _chosen(alloc, where)
+    run = _Run(loaded, TensorStore(None), cfg, params, prune=True, output=None, method=method, statistics=fit,
+               chosen=chosen)
     if fmt is not Format.DENSE:
         run.encode(fmt, objective)
     report = run.report()
@@ -379,13 +393,14 @@ def prune_file(
     if repack:  # re-encoding changes which bytes are needed: read everything, write a fresh data file
         internalize_external_data(loaded)
     cfg, alloc, validation = _allocated(loaded, cfg, method, allocation, validation)
+    chosen, where = _chosen(alloc, where)
     store = TensorStore(loaded.base_dir if not repack else None)
     if structured is not None:  # shapes change: the whole model is rewritten in memory
         repack = repack or external
         run = _structured(loaded, cfg, structured, method, fit, where, fmt, str(output))
     else:
         run = _Run(loaded, store, cfg, params, prune=True, output=str(output), stream=not repack, method=method,
-                   statistics=fit)
+                   statistics=fit, chosen=chosen)
         if fmt is not Format.DENSE:
             run.encode(fmt, objective)
     staged = (stage_repacked(loaded, output, overwrite=overwrite) if repack else

@@ -391,4 +391,29 @@ def run_calibrated(proto, targets: list[Target], values: list[TargetValues], cfg
     return CalibratedRun(runner.targets, runner.values, runner.outcomes, stats, runner.skipped, runner.info)
 
 
-__all__ = ["run_calibrated", "CalibratedRun", "LayerOutcome"]
+def apply_arrays(targets: list[Target], values: list[TargetValues], arrays, outcomes, store: TensorStore,
+                 info: dict) -> CalibratedRun:
+    """Write weights chosen elsewhere (budget-driven allocation with a calibrated criterion:
+    name -> stored array, exactly as measured) through ``store``; a target without an array
+    is left as it is.  ``outcomes``: name -> the report's ``method`` entry of that weight."""
+    stats, outs = [], []
+    for t, tv in zip(targets, values):
+        name = t.weight.name
+        zeros = (lambda a: int(np.count_nonzero((a if tv.quant is None else dequantize(a, tv.quant)) == 0)))
+        before = zeros(tv.raw)
+        final = arrays.get(name)
+        if final is None:
+            stats.append(ApplyStats(before, before))
+            outs.append(LayerOutcome("none", fallback="left as it is (allocation did not choose a level for it)"))
+            continue
+        if final.shape != tv.raw.shape or final.dtype != tv.raw.dtype:
+            raise ValueError(f"weight '{name}': chosen array {final.dtype}{final.shape} does not match the stored "
+                             f"{tv.raw.dtype}{tv.raw.shape}")
+        store.write(t.weight.tensor, final)
+        after = zeros(final)
+        stats.append(ApplyStats(before, after))
+        outs.append(LayerOutcome(**{**outcomes.get(name, {"criterion": "allocation"}), "pruned": after}))
+    return CalibratedRun(list(targets), list(values), outs, stats, [], dict(info))
+
+
+__all__ = ["run_calibrated", "apply_arrays", "CalibratedRun", "LayerOutcome"]

@@ -181,7 +181,7 @@ _drift_options = _compose(
 _allocation_options = _compose(
     click.option("--target-drift", type=float, default=None, metavar="X",
                  help="Choose per-weight sparsities: the highest overall sparsity whose measured drift on "
-                      "--calibration stays within X."),
+                      "--calibration stays within X (with --method obs/wanda: pruned by that criterion)."),
     click.option("--allocate", type=click.Choice(["none", "sensitivity"]), default="none", show_default=True,
                  help="With --sparsity S: share S between weights by sensitivity (least drift)."),
     click.option("--drift-output", default=None, metavar="NAME",

@@ -11,7 +11,7 @@ names) are listed in ``unfed`` and left alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -33,6 +33,7 @@ class PruningSpace:
     skipped: list[Skipped]
     keep_nonfinite: bool
     zeros_before: list[int]
+    unfed: list[str] = field(default_factory=list)  # prunable weights a session cannot feed (left unpruned)
 
     @classmethod
     def build(cls, model: onnx.ModelProto, cfg: PruneConfig) -> "PruningSpace":
@@ -53,7 +54,8 @@ class PruningSpace:
                                    "allocation leaves it unpruned", dtype_name(tensor.data_type), tuple(tensor.dims)))
         kept, values, unfit = load_values(fed, TensorStore(None), stream=False)
         zeros = [count_zeros(tv.source) for tv in values]
-        return cls(kept, values, skipped + unfit, cfg.nonfinite is NonFinite.KEEP, zeros)
+        return cls(kept, values, skipped + unfit, cfg.nonfinite is NonFinite.KEEP, zeros,
+                   [t.weight.name for t in unfed])
 
     @property
     def names(self) -> list[str]:

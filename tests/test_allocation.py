@@ -165,7 +165,7 @@ def test_input_not_modified_and_holdout_validated(files, tmp_path):
     (("--target-drift", "0.1", "--sparsity", "0.5", "--calibration", "CALIB"), "drop --sparsity"),
     (("--allocate", "sensitivity", "--calibration", "CALIB"), "needs --sparsity"),
     (("--target-drift", "-1", "--calibration", "CALIB"), "target drift"),
-    (("--target-drift", "0.1", "--calibration", "CALIB", "--method", "wanda"), "plain magnitude"),
+    (("--target-drift", "0.1", "--calibration", "CALIB", "--method", "wanda", "--pattern", "2:4"), "drop --pattern"),
     (("--target-drift", "0.1", "--calibration", "CALIB", "--metric", "accuracy"), "needs labels"),
     (("--target-drift", "0.1", "--calibration", "CALIB", "--drift-output", "nope"), "no output named"),
     (("--sparsity", "0.5", "--allocate", "sensitivity", "--calibration", "CALIB", "--structured", "neurons"),

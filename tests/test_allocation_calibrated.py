@@ -1,0 +1,171 @@
+"""Budget-driven allocation with a calibrated criterion (--method obs|wanda with --target-drift /
+--allocate sensitivity): one-shot variants, the method's pipeline, and the written weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_magprune import allocation_search
+from onnx_magprune.allocation_search import AllocationOptions
+from onnx_magprune.allocation_variants import CriterionSpace
+from onnx_magprune.api import prune_file
+from onnx_magprune.calibration import open_calibration
+from onnx_magprune.cli import main
+from onnx_magprune.config import PruneConfig
+from onnx_magprune.methods import MethodOptions
+from onnx_magprune.validate import validate_models
+from conftest import MODELS, make_model, vi
+from sensitivity_models import calibration, fragile_model, write
+
+LEVELS = (0.3, 0.5, 0.7, 0.9)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return write(tmp_path)
+
+
+def weights_of(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def zeros(a: np.ndarray) -> int:
+    return int(np.count_nonzero(a == 0))
+
+
+def obs(calib, **kw) -> MethodOptions:
+    return MethodOptions(method=kw.pop("method", "obs"), calibration=calib, **kw)
+
+
+@pytest.mark.parametrize("budget", [0.02, 0.1, 0.3])
+def test_obs_target_drift_never_exceeds_budget(files, tmp_path, budget):
+    model, calib = files
+    out = tmp_path / "p.onnx"
+    r = prune_file(model, out, method=obs(calib, holdout=0.0),
+                   allocation=AllocationOptions(calibration=calib, target_drift=budget, levels=LEVELS, holdout=0.0))
+    a = r.allocation
+    assert a["measured_drift"] <= budget and a["verified_drift"] <= budget
+    measured = validate_models(model, out, calib).outputs[0]["rel_l2"]  # what the user would check
+    assert measured == pytest.approx(a["verified_drift"], rel=1e-6)
+    c = a["criterion"]
+    assert c["method"] == "obs" and c["statistics_passes"] == 1 and c["fallback"] == {}
+    assert 1 <= len(c["pipeline_runs"]) <= AllocationOptions(calibration=calib).pipeline_runs
+    # the written weights have exactly the zeros the chosen levels say
+    w = weights_of(out)
+    for x in a["weights"]:
+        assert zeros(w[x["name"]]) == round(x["sparsity"] * x["numel"])
+    assert {t["name"]: t["method"]["criterion"] for t in json.loads(r.to_json())["tensors"]} == \
+        {"A": "obs", "F": "obs", "B": "obs"}
+
+
+def test_obs_allocation_prunes_more_than_magnitude_at_the_same_budget(files, tmp_path):
+    model, calib = files
+    got = {}
+    for name, method in (("magnitude", None), ("obs", obs(calib, holdout=0.0))):
+        r = prune_file(model, tmp_path / f"{name}.onnx", method=method,
+                       allocation=AllocationOptions(calibration=calib, target_drift=0.05, levels=LEVELS, holdout=0))
+        got[name] = r.allocation["pool_sparsity"]
+    assert got["obs"] > got["magnitude"] + 0.05
+
+
+def test_one_shot_variant_is_exact_and_beats_masking(files):
+    model, calib = files
+    proto = onnx.load(str(model))
+    fit = open_calibration(str(calib), proto)
+    space = CriterionSpace.build_for(proto, PruneConfig(), obs(str(calib)), fit)
+    i = space.names.index("F")
+    dense = space.dense(i).astype(np.float64)
+    a = numpy_helper.to_array([t for t in proto.graph.initializer if t.name == "A"][0]).astype(np.float64)
+    x = np.maximum(calibration()["x"].astype(np.float64) @ a, 0)  # F's input: relu(x A)
+    for level in (0.3, 0.6):
+        v = space.stored(i, level)
+        assert v.dtype == np.float32 and v.shape == dense.shape
+        assert zeros(v) == round(level * dense.size)
+        assert space.stored(i, level) is v  # the search asks again: the same variant
+        mag = space.values[i].raw.copy()
+        mag[np.abs(mag) <= np.sort(np.abs(mag), axis=None)[round(level * mag.size) - 1]] = 0
+        err = np.linalg.norm(x @ v - x @ dense)
+        assert err < 0.7 * np.linalg.norm(x @ mag - x @ dense)  # OBS re-fits the kept weights
+        assert space.outcome(i, level)["criterion"] == "obs" and space.outcome(i, level)["refit"]
+    assert space.stats_sessions == 1
+
+
+def test_pipeline_worse_than_variants_writes_the_variants(files, tmp_path, monkeypatch):
+    model, calib = files
+    real = allocation_search._pipeline
+
+    def worse(*args, **kw):
+        arrays, outcomes, info = real(*args, **kw)
+        return {k: v * np.float32(1.5) for k, v in arrays.items()}, outcomes, info
+
+    monkeypatch.setattr(allocation_search, "_pipeline", worse)
+    out = tmp_path / "p.onnx"
+    r = prune_file(model, out, method=obs(calib, holdout=0.0),
+                   allocation=AllocationOptions(calibration=calib, target_drift=0.1, levels=LEVELS, holdout=0.0))
+    c = r.allocation["criterion"]
+    assert c["final"].startswith("one-shot") and [x["kept"] for x in c["pipeline_runs"]] == [False]
+    measured = validate_models(model, out, calib).outputs[0]["rel_l2"]
+    assert measured == pytest.approx(c["one_shot_drift"], rel=1e-6) and measured <= 0.1
+    proto = onnx.load(str(model))
+    space = CriterionSpace.build_for(proto, PruneConfig(), obs(str(calib)), open_calibration(str(calib), proto))
+    w = weights_of(out)
+    levels = {x["name"]: x["sparsity"] for x in r.allocation["weights"]}
+    for i, name in enumerate(space.names):
+        assert np.array_equal(w[name], space.stored(i, levels[name]))  # exactly the measured variant
+
+
+def test_sparsity_mode_with_wanda(files, tmp_path):
+    model, calib = files
+    out = tmp_path / "p.onnx"
+    r = prune_file(model, out, 0.5, method=obs(calib, method="wanda", holdout=0.0),
+                   allocation=AllocationOptions(calibration=calib, levels=LEVELS, holdout=0.0))
+    w = weights_of(out)
+    assert sum(zeros(v) for v in w.values()) == round(0.5 * 1792)
+    assert r.allocation["criterion"]["method"] == "wanda"
+    assert len(r.allocation["criterion"]["pipeline_runs"]) == 1  # the level is given: one run, no search
+
+
+def test_weights_a_session_cannot_feed_stay_unpruned(tmp_path):
+    """A weight inside an If branch is left alone (it used to get no level at all under --target-drift)."""
+    base = fragile_model()
+    sub_w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32), "S")
+    branch = helper.make_graph([helper.make_node("MatMul", ["y", "S"], ["z_then"])], "then", [],
+                               [helper.make_tensor_value_info("z_then", TensorProto.FLOAT, None)], [sub_w])
+    other = helper.make_graph([helper.make_node("Identity", ["y"], ["z_else"])], "else", [],
+                              [helper.make_tensor_value_info("z_else", TensorProto.FLOAT, None)])
+    nodes = list(base.graph.node) + [helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=other)]
+    inits = list(base.graph.initializer) + [numpy_helper.from_array(np.array(True), "c")]
+    model = tmp_path / "if.onnx"
+    model.write_bytes(make_model(nodes, [vi("x", ["N", 16])], [vi("z", ["N", 8])], inits).SerializeToString())
+    calib = tmp_path / "c.npz"
+    np.savez(calib, **calibration())
+    out = tmp_path / "p.onnx"
+    for method in (None, obs(calib, holdout=0.0)):
+        r = prune_file(model, out, method=method, overwrite=True, min_numel=16,
+                       allocation=AllocationOptions(calibration=calib, target_drift=0.1, levels=LEVELS, holdout=0))
+        got = onnx.load(str(out))
+        s = [t for n in got.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"
+             for t in a.g.initializer][0]
+        assert np.array_equal(numpy_helper.to_array(s), numpy_helper.to_array(sub_w))
+        assert {x["name"]: x["sparsity"] for x in r.allocation["weights"]}.get("S") is None
+        row = [t for t in r.tensors if t.name == "S"][0]
+        assert row.target_sparsity == 0.0 and row.zeros_after == 0
+        assert sum(t.zeros_after for t in r.tensors) > 0  # the others were pruned
+
+
+def test_cli_obs_target_drift_on_digits(tmp_path):
+    out = tmp_path / "p.onnx"
+    r = CliRunner().invoke(main, [str(a) for a in (
+        "prune", MODELS / "digits_mlp.onnx", "-o", out, "--target-drift", "0.05", "--calibration",
+        MODELS / "digits_mlp_calib.npz", "--method", "obs", "--levels", "0.5,0.7,0.9", "--json")],
+        catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    a = json.loads(r.output)["allocation"]
+    assert a["verified_drift"] <= 0.05 and a["pool_sparsity"] > 0.7
+    assert a["criterion"]["final"].startswith("pipeline")
