@@ -54,7 +54,7 @@ def allocation_markdown(a: dict[str, Any], markdown_path: str | None = None) -> 
            "|---|---|---|---|---|---|",
            f"| {a['pool_sparsity']:.4f} | {_f(a['predicted_drift'])} | {_f(a['measured_drift'])} | "
            f"{_f(a['verified_drift'])} | {a['evaluations']['total']} | {a['sessions']} |", "",
-           *[f"{line}  " for line in criterion_lines(a.get("criterion"))], "",
+           *([f"{line}  " for line in criterion_lines(a.get("criterion"))] + [""] if a.get("criterion") else []),
            "| weight | params | sparsity | selection |", "|---|---|---|---|"]
     out += [f"| `{w['name']}` | {w['numel']:,} | {w['sparsity']:.4f} | {w['selection']} |" for w in a["weights"]]
     plots = a.get("plots") or {}

@@ -295,7 +295,8 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
             g_levels = _global_levels(space, pool, cfg.sparsity)
             g_measured = search.measure(g_levels, "global magnitude (same sparsity)")
         if g_measured < measured:
-            levels, measured, chosen_by = g_levels, g_measured, "global magnitude"
+            levels, measured = g_levels, g_measured
+            chosen_by = "global magnitude levels (criterion variants)" if calibrated else "global magnitude"
             notes.append("global magnitude measured lower drift than the allocation at this sparsity: it was used")
         feasible = [(k, levels, measured)]
     else:
@@ -323,7 +324,8 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
     names = space.names
     chosen = {names[i]: final_levels[i] for i in pool}
     chosen.update({names[i]: s for i, s in fixed.items()})
-    chosen.update({name: 0.0 for name in space.unfed})  # (a session cannot feed them: left unpruned)
+    chosen.update({name: 0.0 for name in space.unfed})  # (a session cannot feed them: left unpruned; a name
+    # shared with a fed weight made that one unfed too, see PruningSpace.build)
     ulevels = search.unit_levels(final_levels)
     weights = [{"name": names[i], "numel": space.numel(i), "sparsity": chosen[names[i]],
                 "selection": "fixed" if i in fixed else "allocated",
@@ -463,7 +465,10 @@ def _pipeline(model: onnx.ModelProto, cfg: PruneConfig, names: list[str], levels
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     by_name = {names[i]: s for i, s in levels.items()}
-    cfg_levels = with_allocation(cfg, by_name)
+    cfg_levels = with_allocation(cfg, {n: s for n, s in by_name.items() if s > 0})
+    # a weight at level 0 stays exactly dense: excluded, so the run does not re-fit it either
+    zero = tuple(Rule(name=escape_glob(n), exclude=True, origin="allocation") for n, s in by_name.items() if s <= 0)
+    cfg_levels = replace(cfg_levels, rules=zero + cfg_levels.rules)
     on_copy = PruningSpace.build(copy, cfg_levels)
     done = run_calibrated(copy, on_copy.targets, on_copy.values, cfg_levels, replace(method, quiet=quiet), fit,
                           TensorStore(None))
@@ -495,6 +500,7 @@ def _method_final(model: onnx.ModelProto, cfg: PruneConfig, search: _Search, lev
         "fallback": dict(space.fallback),
         "one_shot_sparsity": _overall(space, search.pool, levels),
         "one_shot_drift": one_shot_measured,
+        "holdout": opts.holdout,  # the allocation's split (statistics and search on the rest)
         "pipeline_runs": [],
     }
     budget = opts.target_drift
@@ -512,12 +518,14 @@ def _method_final(model: onnx.ModelProto, cfg: PruneConfig, search: _Search, lev
         if ok:
             plain = _plain_drift(model, arrays, evaluator, opts.runtime)
             ok = budget is None or plain <= budget
+        info.setdefault("warnings", list(run_info.get("warnings", [])))
         info["pipeline_runs"].append({"sparsity": _overall(space, search.pool, trial), "measured_drift": measured,
                                       "plain_drift": plain, "kept": ok,
                                       **{key: run_info[key] for key in ("passes", "sessions", "seconds")
                                          if key in run_info}})
         if ok:
             best = _Final(arrays, outcomes, info, trial, measured, plain)
+            info["warnings"] = list(run_info.get("warnings", []))
             lo_k = k
         else:
             hi_k = k

@@ -294,7 +294,9 @@ def _chosen(alloc, where):
     and where the statistics came from (the allocation's search samples, then)."""
     if alloc is None or alloc.arrays is None:
         return None, where
-    return alloc, None
+    held = alloc.report.get("held_out")
+    return alloc, {"statistics": alloc.report["search_data"]["description"],
+                   "validated_on": held or "the statistics samples themselves (holdout 0: optimistic)"}
 
 
 def inspect_model(

@@ -144,7 +144,9 @@ class _Runner:
                    if self.values[i].quant is None}
             self.stats_model = StatsModel(proto, fed, {self.targets[i].weight.name: self.views[i]
                                                        for i in self.calibrated},
-                                          calibration, batch_size=opts.batch_size, threads=opts.threads)
+                                          calibration, batch_size=opts.batch_size, threads=opts.threads,
+                                          shapes={self.targets[i].weight.name: tuple(self.targets[i].weight.tensor.dims)
+                                                  for i in self.calibrated if self.values[i].quant is not None})
         self.finished: set[str] = set()  # weights fitted in earlier stages of this step
         self.passes = 0
         self.per_row = [0] * len(self.targets)
@@ -303,7 +305,12 @@ class _Runner:
                 mask = _k_smallest(scores, count)
             res = None
         if (zeros & ~mask).any():  # weights already zero stay zero (re-fitting must not revive them)
-            mask = mask | zeros
+            if not pattern and not output_scope:  # and the count stays exact: the rest by the criterion's score
+                scores = self._scores(i, current, stats)
+                scores[zeros] = -np.inf
+                mask = _k_smallest(scores, count)
+            else:
+                mask = mask | zeros
             res = None
         if res is None and self.opts.refits and stats is not None and self.fallback[i] is None:
             res = obs_prune(w, stats.hessian, mask=mask, params=params)
@@ -402,9 +409,9 @@ def apply_arrays(targets: list[Target], values: list[TargetValues], arrays, outc
         zeros = (lambda a: int(np.count_nonzero((a if tv.quant is None else dequantize(a, tv.quant)) == 0)))
         before = zeros(tv.raw)
         final = arrays.get(name)
-        if final is None:
+        if final is None:  # level 0 (chosen, or a weight the allocation cannot feed)
             stats.append(ApplyStats(before, before))
-            outs.append(LayerOutcome("none", fallback="left as it is (allocation did not choose a level for it)"))
+            outs.append(LayerOutcome("none", pruned=before, fallback="not pruned: its level is 0"))
             continue
         if final.shape != tv.raw.shape or final.dtype != tv.raw.dtype:
             raise ValueError(f"weight '{name}': chosen array {final.dtype}{final.shape} does not match the stored "

@@ -161,11 +161,17 @@ class StatsModel:
     threads: int | None = None
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     sessions_created: int = 0
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # stored shapes of viewed weights not fed
     _session: object = field(default=None, repr=False)
     _mask_input: str | None = None
     trimmed: bool | None = None  # None: not tried yet; False: off for good; True: cut for the names checked
     _residuals: dict[str, Stream] = field(default_factory=dict, repr=False)  # set in __post_init__
     _residual_deps: dict[str, set[str]] | None = field(default=None, repr=False)  # on first use
+
+    def _matrix_shape(self, name: str, view: LinearView) -> tuple[int, int]:
+        """[out, in] of a viewed weight (fed, or not fed: quantized weights keep their stored form)."""
+        w = self.weights.get(name)
+        return view.to_matrix(w if w is not None else np.empty(self.shapes[name], np.uint8)).shape
 
     def __post_init__(self):
         # the weights as given (not copied: fed arrays are replaced by set_weight, never changed in place)
@@ -279,7 +285,7 @@ class StatsModel:
             accs.setdefault(stats_key(view), _Acc(view, request.hessian, request.reference))
         inputs = {s.name for s in model_inputs(self.model)}
         res_accs = {name: _ResidualAcc(accs[stats_key(request.views[name])], r,
-                                       request.views[name].to_matrix(self.weights[name]).shape[0])
+                                       self._matrix_shape(name, request.views[name])[0])
                     for name, r in request.residuals.items() if request.reference and name in request.views}
         fetch = sorted({k[0] for k in accs if k[0] not in inputs}
                        | {n for r in res_accs.values() for n in r.stream} - inputs)
@@ -322,7 +328,7 @@ class StatsModel:
         for name, view in request.views.items():
             key = stats_key(view)
             if key not in done:
-                width = view.to_matrix(self.weights[name]).shape[1]
+                width = self._matrix_shape(name, view)[1]
                 done[key] = accs[key].result(width)
             result[name] = done[key]
             racc = res_accs.get(name)

@@ -41,17 +41,25 @@ class PruningSpace:
         found = find_weights(GraphIndex(model), min_numel=cfg.min_numel, include_overridable=cfg.include_overridable)
         targets, skipped = apply_rules(found, cfg)
         fed, unfed = [], []
+        why = {}
         for t in targets:
             v = t.weight.value
             if v.graph == "main" and v.kind in ("initializer", "constant") and not v.duplicate:
                 fed.append(t)
             else:
                 unfed.append(t)
+                why[id(t)] = ("not a top-level initializer or Constant: sensitivity cannot feed it, so allocation "
+                              "leaves it unpruned")
+        # rules and reports go by name: a fed weight named like one inside a subgraph cannot be told apart
+        clash = {t.weight.name for t in unfed}
+        for t in [t for t in fed if t.weight.name in clash]:
+            fed.remove(t)
+            unfed.append(t)
+            why[id(t)] = "a weight inside a subgraph has the same name, so allocation leaves both unpruned"
         for t in unfed:
             tensor = t.weight.tensor
-            skipped.append(Skipped(t.weight.name, t.weight.value.where(),
-                                   "not a top-level initializer or Constant: sensitivity cannot feed it, so "
-                                   "allocation leaves it unpruned", dtype_name(tensor.data_type), tuple(tensor.dims)))
+            skipped.append(Skipped(t.weight.name, t.weight.value.where(), why[id(t)], dtype_name(tensor.data_type),
+                                   tuple(tensor.dims)))
         kept, values, unfit = load_values(fed, TensorStore(None), stream=False)
         zeros = [count_zeros(tv.source) for tv in values]
         return cls(kept, values, skipped + unfit, cfg.nonfinite is NonFinite.KEEP, zeros,

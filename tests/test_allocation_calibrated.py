@@ -169,3 +169,86 @@ def test_cli_obs_target_drift_on_digits(tmp_path):
     a = json.loads(r.output)["allocation"]
     assert a["verified_drift"] <= 0.05 and a["pool_sparsity"] > 0.7
     assert a["criterion"]["final"].startswith("pipeline")
+
+
+def test_name_shared_with_a_subgraph_weight_leaves_both_unpruned(tmp_path):
+    """Rules and reports go by name: a main-graph weight named like one inside a subgraph cannot be
+    given its own level, so neither is pruned (the main one used to get the other's level, unmeasured)."""
+    base = fragile_model()
+    rng = np.random.default_rng(5)
+    s_main, s_sub = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    branch = helper.make_graph([helper.make_node("MatMul", ["y2", "S"], ["z_then"])], "then", [],
+                               [helper.make_tensor_value_info("z_then", TensorProto.FLOAT, None)],
+                               [numpy_helper.from_array(s_sub, "S")])
+    other = helper.make_graph([helper.make_node("Identity", ["y2"], ["z_else"])], "else", [],
+                              [helper.make_tensor_value_info("z_else", TensorProto.FLOAT, None)])
+    nodes = list(base.graph.node) + [helper.make_node("MatMul", ["y", "S"], ["y2"]),
+                                     helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=other)]
+    inits = list(base.graph.initializer) + [numpy_helper.from_array(s_main, "S"),
+                                            numpy_helper.from_array(np.array(True), "c")]
+    model = tmp_path / "m.onnx"
+    model.write_bytes(make_model(nodes, [vi("x", ["N", 16])], [vi("z", ["N", 8])], inits).SerializeToString())
+    calib = tmp_path / "c.npz"
+    np.savez(calib, **calibration())
+    out = tmp_path / "p.onnx"
+    for method in (None, obs(calib, holdout=0.0)):
+        r = prune_file(model, out, method=method, overwrite=True, min_numel=16,
+                       allocation=AllocationOptions(calibration=calib, target_drift=0.2, levels=LEVELS, holdout=0))
+        got = onnx.load(str(out))
+        sub = [t for n in got.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"
+               for t in a.g.initializer][0]
+        assert np.array_equal(numpy_helper.to_array(sub), s_sub)
+        assert np.array_equal(weights_of(out)["S"], s_main)
+        assert validate_models(model, out, calib).outputs[0]["rel_l2"] == pytest.approx(
+            r.allocation["verified_drift"], rel=1e-6)
+        assert "S" not in {x["name"] for x in r.allocation["weights"]}
+
+
+def test_counts_stay_exact_with_uneven_existing_zeros(tmp_path):
+    """OBS shares a count between column blocks; existing zeros crowded in one block used to push
+    the total over the level."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 32)).astype(np.float32)
+    a[:128][rng.random((128, 32)) < 0.6] = 0  # zeros in the first 128 inputs of the [out, in] view only
+    b = rng.standard_normal((32, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "B"], ["y"])]
+    model = tmp_path / "m.onnx"
+    model.write_bytes(make_model(nodes, [vi("x", ["N", 256])], [vi("y", ["N", 8])],
+                                 [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")]).SerializeToString())
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.standard_normal((300, 256)).astype(np.float32))
+    out = tmp_path / "p.onnx"
+    prune_file(model, out, 0.5, "local", method=obs(calib, holdout=0.0))  # the method's own run
+    assert {k: zeros(v) for k, v in weights_of(out).items()} == {"A": round(0.5 * a.size), "B": round(0.5 * b.size)}
+    r = prune_file(model, out, 0.5, overwrite=True, method=obs(calib, holdout=0.0),
+                   allocation=AllocationOptions(calibration=calib, levels=LEVELS, holdout=0.0))
+    w = weights_of(out)
+    for x in r.allocation["weights"]:
+        assert zeros(w[x["name"]]) == round(x["sparsity"] * x["numel"])
+    assert sum(zeros(v) for v in w.values()) == round(0.5 * (a.size + b.size))
+    assert zeros(w["A"]) >= zeros(a)  # and the existing zeros stayed
+
+
+def test_quantized_weight_with_a_calibrated_criterion(tmp_path):
+    """A DequantizeLinear(int8) -> MatMul weight: its layer's statistics are collected without
+    feeding it (this crashed), and it is pruned to its zero point."""
+    base = fragile_model()
+    a = numpy_helper.to_array(base.graph.initializer[0])
+    scale, zp = np.float32(np.abs(a).max() / 100), np.int8(3)
+    aq = np.clip(np.round(a / scale) + zp, -128, 127).astype(np.int8)
+    inits = [numpy_helper.from_array(aq, "Aq"), numpy_helper.from_array(np.array(scale, np.float32), "s"),
+             numpy_helper.from_array(np.array(zp, np.int8), "zp")] + list(base.graph.initializer[1:])
+    nodes = [helper.make_node("DequantizeLinear", ["Aq", "s", "zp"], ["A"])] + list(base.graph.node)
+    model = tmp_path / "q.onnx"
+    model.write_bytes(make_model(nodes, [vi("x", ["N", 16])], [vi("y", ["N", 8])], inits).SerializeToString())
+    calib = tmp_path / "c.npz"
+    np.savez(calib, **calibration())
+    out = tmp_path / "p.onnx"
+    prune_file(model, out, 0.9, "local", method=obs(calib, holdout=0.0))
+    assert int(np.count_nonzero(weights_of(out)["Aq"] == zp)) == round(0.9 * aq.size)
+    r = prune_file(model, out, overwrite=True, method=obs(calib, holdout=0.0),
+                   allocation=AllocationOptions(calibration=calib, target_drift=0.1, levels=LEVELS, holdout=0.0))
+    assert validate_models(model, out, calib).outputs[0]["rel_l2"] <= 0.1
+    assert weights_of(out)["Aq"].dtype == np.int8
+    assert {t.name: t.method["criterion"] for t in r.tensors}["Aq"] == "obs"
