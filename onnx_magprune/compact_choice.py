@@ -19,7 +19,8 @@ class Estimate:
     startup: float      # estimated decode cost, in units of loading the dense tensor
 
 
-def startup_cost(alphabet: Alphabet, fibers: int, k: int, nbytes: int, n: int, itemsize: int) -> float:
+def startup_cost(alphabet: Alphabet, fibers: int, k: int, nbytes: int, n: int, itemsize: int,
+                 two_d: bool = True) -> float:
     """Estimated decode cost relative to loading the dense tensor.  Measured with ONNX
     Runtime 1.32 on CPU, folding costs about the same per byte of every node's output as
     loading costs per byte of stored tensor, so this is (bytes the decoder's nodes write +
@@ -29,6 +30,9 @@ def startup_cost(alphabet: Alphabet, fibers: int, k: int, nbytes: int, n: int, i
     gathered updates."""
     entries = fibers * k
     words = entries // alphabet.planes
+    if alphabet.mode is Mode.POSITION:  # Cast of the positions, zeros, scatter (and a Reshape unless 2-D)
+        written = entries * 4 + (2 + (not two_d)) * n * itemsize
+        return (written + nbytes) / max(n * itemsize, 1)
     if alphabet.layout is Layout.COLUMNS:
         # scattering along the first axis writes a different row for every fiber: ONNX Runtime's
         # ScatterElements then misses the cache on every entry (~65 ns each measured, about what
@@ -64,7 +68,8 @@ def candidates(array: np.ndarray) -> list[Estimate]:
                 flat_positions[alphabet.layout] = np.flatnonzero(mask)
             cache[key] = _gaps(mask, fibers, flat_positions[alphabet.layout])
         nbytes, k = encoded_nbytes(cache[key], alphabet, itemsize)
-        out.append(Estimate(alphabet, nbytes, fibers * k, startup_cost(alphabet, fibers, k, nbytes, n, itemsize)))
+        out.append(Estimate(alphabet, nbytes, fibers * k,
+                            startup_cost(alphabet, fibers, k, nbytes, n, itemsize, len(shape) == 2)))
     return out
 
 
@@ -77,6 +82,8 @@ def choose(array: np.ndarray, objective: Objective) -> Estimate:
     within :data:`BALANCED_CAP` of the information bound, else the smallest."""
     found = candidates(array)
     smallest = min(found, key=lambda e: (e.nbytes, e.startup))
+    dense = array.size * array.dtype.itemsize
+    found = [e for e in found if e.nbytes < dense] or [smallest]  # a faster start never at more than dense bytes
     if objective is Objective.SIZE:
         return smallest
     if objective is Objective.STARTUP:

@@ -7,6 +7,16 @@ fiber per column along the first axis, entries stored [k, rest of the shape],
 ``planes`` symbols of adjacent columns per code word, scattered along axis 0
 straight into the tensor's shape (no Reshape; filler mode only).
 
+In the ``rows`` layout (position mode) each row along the last axis is a fiber
+whose entries store their positions in the row directly (one byte for rows of
+up to 256, two bytes up to 65,536) with their values, rows padded to the
+longest by repeating their last entry.  Decoding is a Cast of the positions
+to int32 and one ScatterElements along axis 1 into zeros of shape [rows, row
+length], which is the weight itself when it is 2-D: the fewest and smallest
+intermediates, so the fastest session start, at two bytes per non-zero
+instead of a few bits (``--optimize-for startup`` picks it; never above the
+dense size).
+
 In the planes layout the flattened tensor is cut into ``planes`` equal parts
 (``planes`` divides its size).  Each plane is a stream of *entries*: the first sits at the
 plane's position 0 and each entry's *symbol* says how far the next one is
@@ -49,11 +59,13 @@ import numpy as np
 class Mode(str, enum.Enum):
     FILLER = "filler"
     SKIP = "skip"
+    POSITION = "position"  # each entry stores its position in its fiber (rows layout): no CumSum to decode
 
 
 class Layout(str, enum.Enum):
     PLANES = "planes"    # fibers: equal contiguous parts of the flattened tensor; scatter, then a Reshape
     COLUMNS = "columns"  # fibers: along the first axis (one per column); scatter straight into the shape
+    ROWS = "rows"        # fibers: along the last axis (one per row); position mode; no Reshape for 2-D weights
 
 
 class Objective(str, enum.Enum):
@@ -86,9 +98,12 @@ class Alphabet:
         return np.array(rows, dtype=np.int64)
 
     def valid(self) -> bool:
+        if (self.mode is Mode.POSITION) != (self.layout is Layout.ROWS):
+            return False
         return (self.size ** self.planes <= 256 ** self.word_bytes and self.advance_max >= 1
                 and (self.mode is Mode.SKIP) == bool(self.skips)
-                and (self.layout is Layout.PLANES or self.mode is Mode.FILLER))
+                and (self.layout is not Layout.COLUMNS or self.mode is Mode.FILLER)
+                and (self.mode is not Mode.POSITION or self.planes == 1))
 
     @property
     def code_dtype(self) -> np.dtype:
@@ -102,10 +117,14 @@ class Alphabet:
     def fibers(self, shape: tuple[int, ...]) -> int:
         """How many entry streams a tensor of ``shape`` is cut into."""
         n = math.prod(shape)
+        if self.layout is Layout.ROWS:
+            return n // shape[-1]
         return n // shape[0] if self.layout is Layout.COLUMNS else self.planes
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         n = math.prod(shape)
+        if self.layout is Layout.ROWS:  # every position of a row must fit a code word
+            return len(shape) >= 1 and shape[-1] >= 1 and shape[-1] <= self.size
         if self.layout is Layout.COLUMNS:
             return len(shape) >= 2 and shape[0] >= 2 and (n // shape[0]) % self.planes == 0
         return n % self.planes == 0
@@ -125,6 +144,8 @@ def alphabets() -> list[Alphabet]:
             out.append(Alphabet(word, planes, Mode.SKIP, advance_max, skips))
     for per_word, size in ((1, 256), (2, 16), (4, 4)):  # columns: filler codes, one byte per word
         out.append(Alphabet(1, per_word, Mode.FILLER, size - 1, (), Layout.COLUMNS))
+    for word in (1, 2):  # rows: positions, rows of up to 256 or 65,536
+        out.append(Alphabet(word, 1, Mode.POSITION, 256 ** word - 1, (), Layout.ROWS))
     return [a for a in out if a.valid()]
 
 
@@ -176,9 +197,11 @@ class CompactTensor:
         return self.fibers * self.entries
 
     def symbols(self) -> np.ndarray:
-        """[fibers, k] int64."""
+        """[fibers, k] int64 (position mode: the positions)."""
         a = self.alphabet
         words = self.codes.astype(np.int64)
+        if a.mode is Mode.POSITION:  # stored [fibers, k]
+            return words.reshape(self.fibers, self.entries)
         if a.layout is Layout.COLUMNS:  # [k, fibers / per-word] words, per-word adjacent fibers in each
             digits = (words.reshape(self.entries, -1)[..., None] // (a.size ** np.arange(a.planes))) % a.size
             return digits.reshape(self.entries, self.fibers).T
@@ -188,9 +211,12 @@ class CompactTensor:
         """The dense tensor, bit-exact."""
         a = self.alphabet
         sym = self.symbols()
-        adv = a.table[sym, 0]
-        positions = np.cumsum(adv, axis=1) - adv  # exclusive
-        if a.mode is Mode.FILLER:
+        if a.mode is Mode.POSITION:
+            positions = sym
+        else:
+            adv = a.table[sym, 0]
+            positions = np.cumsum(adv, axis=1) - adv  # exclusive
+        if a.mode in (Mode.FILLER, Mode.POSITION):
             updates = self.values.reshape(self.entries, self.fibers).T if a.layout is Layout.COLUMNS \
                 else self.values.reshape(sym.shape)
         else:
@@ -334,6 +360,9 @@ def _items(b: _Base, alphabet: Alphabet) -> _Items:
 
 def encoded_nbytes(g: _Gaps, alphabet: Alphabet, itemsize: int) -> tuple[int, int]:
     """(bytes, entries per plane) of ``alphabet``'s encoding, without building it."""
+    if alphabet.mode is Mode.POSITION:
+        k = max(int(np.bincount(g.plane, minlength=g.planes).max()) if g.plane.size else 0, 1)
+        return g.planes * k * (alphabet.word_bytes + itemsize), k
     per_plane = _entries_per_plane(g, alphabet)
     k = max(int(per_plane.max()) if per_plane.size else 0, 1)
     code = k * (g.planes // alphabet.planes) * alphabet.word_bytes
@@ -353,6 +382,8 @@ def encode(array: np.ndarray, alphabet: Alphabet) -> CompactTensor:
         raise ValueError(f"a tensor of shape {shape} does not fit {alphabet}")
     flat = fiber_major(array, alphabet.layout)
     planes = alphabet.fibers(shape)
+    if alphabet.mode is Mode.POSITION:
+        return _encode_positions(shape, flat, planes, alphabet)
     it = _items(_base(_gaps(nonzero_mask(flat), planes)), alphabet)
     k, skip = it.k, alphabet.mode is Mode.SKIP
     lengths = alphabet.skips if skip else (alphabet.advance_max,)
@@ -398,3 +429,23 @@ def encode(array: np.ndarray, alphabet: Alphabet) -> CompactTensor:
     else:
         words = (grid * weights[:, None]).sum(axis=0)
     return CompactTensor(shape, flat.dtype, alphabet, k, words.astype(alphabet.code_dtype), values, plane_base)
+
+
+def _encode_positions(shape: tuple[int, ...], flat: np.ndarray, fibers: int, alphabet: Alphabet) -> CompactTensor:
+    """Position mode: row f's non-zeros as (position, value) pairs, rows padded to the longest
+    one by repeating their last pair (an empty row writes 0.0 at position 0)."""
+    g = _gaps(nonzero_mask(flat), fibers)
+    per = np.bincount(g.plane, minlength=fibers).astype(np.int64)
+    k = max(int(per.max()) if per.size else 0, 1)
+    col = np.arange(g.pos.size) - (np.cumsum(per) - per)[g.plane]
+    pos = np.zeros((fibers, k), dtype=np.int64)
+    values = np.zeros((fibers, k), dtype=flat.dtype)
+    pos[g.plane, col] = g.pos
+    values[g.plane, col] = flat[g.plane * g.length + g.pos]
+    last = np.maximum(per - 1, 0)
+    rows = np.arange(fibers)
+    pad = np.arange(k)[None, :] >= per[:, None]
+    pos = np.where(pad, pos[rows, last][:, None], pos)
+    values = np.where(pad, values[rows, last][:, None], values)
+    return CompactTensor(shape, flat.dtype, alphabet, k, pos.astype(alphabet.code_dtype), values,
+                         np.zeros(fibers, dtype=np.int64))

@@ -46,7 +46,8 @@ def weight_of(node: onnx.NodeProto) -> str | None:
 def largest_intermediate(code: CompactTensor) -> int:
     """Bytes of the decoder's largest intermediate tensor (float32 for bfloat16, which decodes in float32)."""
     itemsize = 4 if code.dtype.name == "bfloat16" else code.dtype.itemsize
-    table = 0 if code.alphabet.identity else code.alphabet.planes * 256 ** code.alphabet.word_bytes * 4
+    table = (0 if code.alphabet.identity or code.alphabet.mode is Mode.POSITION
+             else code.alphabet.planes * 256 ** code.alphabet.word_bytes * 4)
     return max(code.numel * itemsize, code.total_entries * 4, table)
 
 
@@ -86,6 +87,10 @@ def decoder(code: CompactTensor, weight: str, elem_type: int, taken: set[str]) -
     columns = a.layout is Layout.COLUMNS
     bf16 = elem_type == TensorProto.BFLOAT16
     i32 = lambda v: np.array(v, dtype=np.int32)  # noqa: E731
+    if a.mode is Mode.POSITION:
+        _position_decoder(code, elem_type, const, node)
+        nodes[-1].output[0] = weight
+        return Decoder(nodes, inits)
     # columns: entries stored [k, rest of the shape], fibers along axis 0; planes: [planes, k]
     entry_shape = [k] + list(code.shape[1:]) if columns else [a.planes, k]
     axis = 0 if columns else 1
@@ -149,6 +154,27 @@ def decoder(code: CompactTensor, weight: str, elem_type: int, taken: set[str]) -
         out = node("to_bfloat16", "Cast", [out], to=TensorProto.BFLOAT16)
     nodes[-1].output[0] = weight  # the last node writes the weight itself
     return Decoder(nodes, inits)
+
+
+def _position_decoder(code: CompactTensor, elem_type: int, const, node) -> None:
+    """Rows layout: Cast the stored positions to int32, scatter the values into zeros of shape
+    [rows, row length] along axis 1 (a Reshape only when the weight is not 2-D)."""
+    bf16 = elem_type == TensorProto.BFLOAT16
+    fibers, k = code.fibers, code.entries
+    positions = node("positions", "Cast", [const("codes", code.codes.reshape(fibers, k))], to=TensorProto.INT32)
+    updates = const("values", code.values.reshape(fibers, k))
+    if bf16:
+        updates = node("values_f32", "Cast", [updates], to=TensorProto.FLOAT)
+    compute = TensorProto.FLOAT if bf16 else elem_type
+    zero = helper.make_tensor("value", compute, [1], np.zeros(1, dtype=_np(compute)).tobytes(), raw=True)
+    target_shape = [fibers, code.numel // fibers]
+    zeros = node("zeros", "ConstantOfShape", [const("target_shape", np.array(target_shape, dtype=np.int64))],
+                 value=zero)
+    out = node("scatter", "ScatterElements", [zeros, positions, updates], axis=1)
+    if list(code.shape) != target_shape:
+        out = node("reshape", "Reshape", [out, const("shape", np.array(code.shape, dtype=np.int64))])
+    if bf16:
+        node("to_bfloat16", "Cast", [out], to=TensorProto.BFLOAT16)
 
 
 def _np(data_type: int) -> np.dtype:

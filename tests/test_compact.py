@@ -387,7 +387,7 @@ def test_decoder_names_avoid_value_info_and_the_label_names_the_layout():
                                          optimize_for=objective)
         onnx.checker.check_model(encoded, full_check=True)
         assert all(" layout, " in t.code and "fiber(s)" in t.code for t in report.tensors)
-    assert any("columns layout" in t.code for t in report.tensors)  # startup: the scatter writes the shape
+    assert any("rows layout" in t.code for t in report.tensors)  # startup: positions scattered into the shape
 
 
 def test_an_output_with_compact_and_sparse_weights_is_decoded_whole_before_pruning_again(tmp_path):
@@ -399,3 +399,35 @@ def test_an_output_with_compact_and_sparse_weights_is_decoded_whole_before_pruni
     again = mp.prune_file(once, twice, sparsity=0.98, min_numel=16, format="auto")
     assert [t.name for t in again.tensors] == ["W1", "W2"] and again.skipped == report.skipped
     assert once.read_bytes() == twice.read_bytes()
+
+
+def _rows(word: int) -> cc.Alphabet:
+    return next(a for a in cc.alphabets() if a.layout is cc.Layout.ROWS and a.word_bytes == word)
+
+
+def test_rows_layout_stores_positions_and_decodes_without_cumsum_or_reshape():
+    rng = np.random.default_rng(4)
+    a = np.where(rng.random((64, 300)) < 0.1, rng.standard_normal((64, 300)), 0.0).astype(np.float32)
+    a[5] = 0  # an empty row: one pad entry writing 0.0 at position 0
+    assert not _rows(1).fits(a.shape) and _rows(2).fits(a.shape)  # 300 positions need two bytes
+    code = cc.encode(a, _rows(2))
+    assert code.codes.dtype == np.uint16 and code.codes.shape == (64, code.entries)
+    assert code.entries == max(int(np.count_nonzero(a, axis=1).max()), 1)
+    assert code.nbytes == 64 * code.entries * (2 + 4)
+    assert bits(code.decode()) == bits(a)
+    ops = [n.op_type for n in decoder(code, "W", TensorProto.FLOAT, set()).nodes]
+    assert ops == ["Cast", "ConstantOfShape", "ScatterElements"]  # straight into the [rows, columns] shape
+    three_d = a.reshape(8, 8, 300)
+    ops = [n.op_type for n in decoder(cc.encode(three_d, _rows(2)), "W", TensorProto.FLOAT, set()).nodes]
+    assert ops == ["Cast", "ConstantOfShape", "ScatterElements", "Reshape"]
+
+
+def test_startup_objective_picks_rows_but_never_more_bytes_than_dense():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((256, 512))
+    s90 = np.where(np.abs(w) > np.quantile(np.abs(w), 0.9), w, 0.0).astype(np.float32)
+    assert choice.choose(s90, cc.Objective.STARTUP).alphabet.layout is cc.Layout.ROWS
+    # float16 at 50%: two-byte positions plus two-byte values are the dense size: not chosen
+    s50 = np.where(np.abs(w) > np.quantile(np.abs(w), 0.5), w, 0.0).astype(np.float16)
+    est = choice.choose(s50, cc.Objective.STARTUP)
+    assert est.nbytes < s50.nbytes and est.alphabet.layout is not cc.Layout.ROWS
