@@ -11,8 +11,11 @@ Per model:
    global magnitude (one threshold) and the sensitivity allocation at S
    (Lagrange bisection over the curves), at several overall sparsities S;
    the same for the obs criterion (``allocation_variants``: one-shot OBS
-   variants from the dense model's statistics on the search samples): every
-   weight at S ("obs local") and allocated from its own sweep ("obs allocated");
+   variants from the dense model's statistics): every weight at S ("obs
+   local") and allocated from its own sweep ("obs allocated").  Its
+   statistics come from other samples than its drift is measured on (the
+   tool's ``--measure-fraction`` split; MiniLM: 128 more calibration
+   sentences for the statistics, the drift on the 32 search sentences);
 3. budgets: the held-out drift global magnitude gives at 50% and at 70%.  For
    each budget and method, the highest overall sparsity whose held-out drift
    stays within it (bisection on S, the same procedure for all three);
@@ -22,8 +25,9 @@ Per model:
 Data: digits models: ``models/digits_*_calib.npz`` samples [0, 300) search,
 [300, 450) held out.  all-MiniLM-L6-v2 (``benchmarks/prepare.py``): the first
 32 sentences of ``calib.npz`` search, the first 64 of ``eval.npz`` held out
-(rel. L2 of ``last_hidden_state`` over all positions, padding included); few
-sentences because every evaluation is a full forward pass on 2 cores.
+(rel. L2 of ``last_hidden_state`` over real tokens: ``--drift-mask
+attention_mask``, padding is not data); few sentences because every
+evaluation is a full forward pass on 2 cores.
 
 Prints JSON on stdout (progress on stderr), writes
 ``benchmarks/results/allocation.json`` and, with ``--write-readme``, the
@@ -52,7 +56,7 @@ from onnx_magprune.allocation import make_curve  # noqa: E402
 from onnx_magprune.allocation_variants import CriterionSpace  # noqa: E402
 from onnx_magprune.allocation_search import AllocationOptions, _global_levels, _local_levels, _Search, \
     allocate_model  # noqa: E402
-from onnx_magprune.calibration import open_calibration  # noqa: E402
+from onnx_magprune.calibration import open_calibration, split_holdout  # noqa: E402
 from onnx_magprune.config import PruneConfig  # noqa: E402
 from onnx_magprune.drift import Metric  # noqa: E402
 from onnx_magprune.evaluator import DriftEvaluator, DriftSpec  # noqa: E402
@@ -88,16 +92,20 @@ def load(name: str) -> dict:
         p = prepare()
         calib = dict(np.load(p["calib"]))
         evals = dict(np.load(p["eval"]))
-        return {"name": name, "path": Path(p["model"]), "output": "last_hidden_state",
+        return {"name": name, "path": Path(p["model"]), "output": "last_hidden_state", "mask": "attention_mask",
                 "search": batches(calib, 0, 32), "held": batches(evals, 0, 64),
-                "split": "search: calib.npz sentences [0, 32); held out: eval.npz sentences [0, 64); 64 tokens"}
+                "obs_stats": batches(calib, 32, 160), "obs_measure": batches(calib, 0, 32),
+                "split": "search: calib.npz sentences [0, 32); held out: eval.npz sentences [0, 64); 64 tokens; "
+                         "obs statistics: calib.npz sentences [32, 160), its drift measured on the search sentences"}
     data = dict(np.load(REPO / "models" / f"{name}_calib.npz"))
     data.pop("labels", None)
     n = len(next(iter(data.values())))
     return {"name": name, "path": REPO / "models" / f"{name}.onnx",
             "output": "probabilities" if name == "digits_mlp" else "logits",
             "search": batches(data, 0, 300), "held": batches(data, 300, n),
-            "split": f"{name}_calib.npz: samples [0, 300) search, [300, {n}) held out"}
+            "obs_stats": batches(data, 0, 210), "obs_measure": batches(data, 210, 300),
+            "split": f"{name}_calib.npz: samples [0, 300) search, [300, {n}) held out; obs statistics [0, 210), "
+                     "its drift measured on [210, 300)"}
 
 
 def sparsity_at(drift_of, budget: float, s_max: float, known: list[tuple[float, float]]) -> tuple[float, float, int]:
@@ -129,7 +137,7 @@ def run_model(m: dict, levels, table, n_threads: int) -> dict:
     space = PruningSpace.build(proto, PruneConfig())
     pool = space.pool
     n = sum(space.numel(i) for i in pool)
-    spec = DriftSpec(Metric.REL_L2, m["output"])
+    spec = DriftSpec(Metric.REL_L2, m["output"], mask_input=m.get("mask"))
     runtime = RuntimeOptions(threads=n_threads, batch_size=32)
     search_data = open_calibration(m["search"], proto)
     search_ev = DriftEvaluator(proto, space.names, search_data, spec, runtime)
@@ -143,15 +151,22 @@ def run_model(m: dict, levels, table, n_threads: int) -> dict:
     search = _Search(space, search_ev, wc, True)
     s_alloc_max = sum(wc[i].k_hi for i in pool) / n
     # the calibrated criterion: one-shot OBS variants from the dense model's statistics on the search samples
-    obs_method = MethodOptions(method="obs", calibration=search_data, holdout=0.0)
+    # (fitted on obs_stats, drift measured on obs_measure: what prune does with --measure-fraction)
+    obs_tool = open_calibration(m["obs_stats"] + m["obs_measure"], proto)
+    obs_fraction = len(m["obs_measure"]) / (len(m["obs_stats"]) + len(m["obs_measure"]))
+    obs_stats_data, obs_measure_data = split_holdout(obs_tool, obs_fraction)
+    if obs_stats_data.samples != len(m["obs_stats"]):  # (a list of feeds splits by batch)
+        raise RuntimeError("the tool's split differs from the benchmark's")
+    obs_method = MethodOptions(method="obs", calibration=obs_stats_data, holdout=0.0)
     t0 = time.perf_counter()
-    ospace = CriterionSpace.build_for(proto, PruneConfig(), obs_method, search_data)
+    ospace = CriterionSpace.build_for(proto, PruneConfig(), obs_method, obs_stats_data)
     if ospace.pool != pool:
         raise RuntimeError("the obs space found other weights")
-    ocurves = run_sweep(ospace, search_ev, pool, levels, quiet=False)
+    obs_ev = DriftEvaluator(proto, space.names, obs_measure_data, spec, runtime)
+    ocurves = run_sweep(ospace, obs_ev, pool, levels, quiet=False)
     obs_sweep_s = time.perf_counter() - t0
     owc = {i: make_curve(c.numel, c.levels, c.drift, c.bounds, quadrature=True) for i, c in zip(pool, ocurves)}
-    osearch = _Search(ospace, search_ev, owc, True)
+    osearch = _Search(ospace, obs_ev, owc, True)
     o_alloc_max = sum(owc[i].k_hi for i in pool) / n
     log(f"{m['name']}: obs statistics + sweep in {obs_sweep_s:.1f} s")
     methods = {
@@ -189,7 +204,7 @@ def run_model(m: dict, levels, table, n_threads: int) -> dict:
         t1 = time.perf_counter()
         res = allocate_model(proto, PruneConfig(), AllocationOptions(
             calibration=search_data, target_drift=budget, metric="rel_l2", output=m["output"], holdout=0.0,
-            levels=levels, runtime=runtime), sweep=curves)
+            levels=levels, runtime=runtime, mask_input=m.get("mask")), sweep=curves)
         lv = {space.names.index(k): v for k, v in res.levels.items()}
         entry["tool_target_drift"] = {
             "sparsity": res.report["pool_sparsity"], "search_drift": res.report["measured_drift"],
@@ -197,8 +212,9 @@ def run_model(m: dict, levels, table, n_threads: int) -> dict:
             "search_evaluations": res.report["evaluations"]["search"], "seconds": round(time.perf_counter() - t1, 2)}
         t1 = time.perf_counter()
         res = allocate_model(proto, PruneConfig(), AllocationOptions(
-            calibration=search_data, target_drift=budget, metric="rel_l2", output=m["output"], holdout=0.0,
-            levels=levels, runtime=runtime), sweep=ocurves, method=obs_method)
+            calibration=obs_tool, target_drift=budget, metric="rel_l2", output=m["output"], holdout=0.0,
+            levels=levels, runtime=runtime, mask_input=m.get("mask"), measure_fraction=obs_fraction),
+            sweep=ocurves, method=obs_method)
         crit = res.report["criterion"]
         entry["tool_obs_target_drift"] = {
             "sparsity": res.report["pool_sparsity"], "search_drift": res.report["measured_drift"],
@@ -216,6 +232,7 @@ def run_model(m: dict, levels, table, n_threads: int) -> dict:
             f"tool {entry['tool_target_drift']['sparsity']:.4f}, "
             f"tool obs {entry['tool_obs_target_drift']['sparsity']:.4f}")
     return {"model": m["name"], "data": m["split"], "output": m["output"], "metric": "rel_l2",
+            "drift_mask": m.get("mask"),
             "prunable_weights": len(pool), "prunable_params": n, "levels": list(levels),
             "sweep": {"evaluations": sweep_evals, "seconds": round(sweep_s, 2),
                       "evaluations_per_second": round(sweep_evals / sweep_s, 2), "sessions": 1},
@@ -253,7 +270,9 @@ def readme_section(result: dict) -> str:
     for r in result["models"]:
         lines += [f"#### {r['model']}", "",
                   f"{r['prunable_params']:,} prunable parameters in {r['prunable_weights']} weights; {r['data']}; "
-                  f"output `{r['output']}`. Sweep: {r['sweep']['evaluations']} evaluations in "
+                  f"output `{r['output']}`"
+                  + (f" over the positions `{r['drift_mask']}` marks (real tokens)" if r.get("drift_mask") else "")
+                  + ". Sweep: {r['sweep']['evaluations']} evaluations in "
                   f"{r['sweep']['seconds']} s ({r['sweep']['evaluations_per_second']}/s, one session).", "",
                   "| overall sparsity | local | global | allocated | obs local | obs allocated |",
                   "|---|---|---|---|---|---|"]

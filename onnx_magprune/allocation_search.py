@@ -64,9 +64,13 @@ class AllocationOptions:
     tolerance: float = 0.005  # overall sparsity resolution of the measured bisection
     max_evaluations: int = 12  # combined-model evaluations of the search
     pipeline_runs: int = 4  # calibrated criteria: runs of the method's own pipeline (see _method_final)
+    # calibrated criteria: the last fraction of the search samples measures drift, the rest feeds the
+    # criterion's statistics (0: both on all of them, which over-prunes: re-fits look better in-sample)
+    measure_fraction: float = 0.3
     tradeoff: bool = False  # also measure local / global / allocated at every level (for plots)
     plots: str | None = None  # directory for PNG plots (implies tradeoff)
     groups: tuple[str, ...] = ()  # name globs: the weights one glob matches share one sparsity
+    mask_input: str | None = None  # see DriftSpec.mask_input
     quiet: bool = True
 
     def __post_init__(self):
@@ -87,6 +91,9 @@ class AllocationOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+        if isinstance(self.measure_fraction, bool) or not isinstance(self.measure_fraction, (int, float)) \
+                or not 0 <= self.measure_fraction < 1:
+            raise ConfigError(f"measure_fraction must be a fraction in [0, 1), got {self.measure_fraction!r}")
         if not 0 < self.tolerance < 1:
             raise ConfigError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
 
@@ -248,17 +255,21 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
     calib = open_calibration(opts.calibration, model, labels=opts.labels, max_samples=opts.max_samples)
     fit, held = split_holdout(calib, opts.holdout)
     calibrated = method is not None and method.needs_calibration
+    measure, stats = fit, None
     if calibrated:
         from .allocation_variants import CriterionSpace
 
-        space = CriterionSpace.build_for(model, cfg, replace(method, quiet=opts.quiet), fit)
+        # the criterion fits on the first samples and the drift is measured on the rest: measured on the
+        # samples it fitted, a re-fit looks far better than it is (and the search would over-prune)
+        stats, measure = split_holdout(fit, opts.measure_fraction) if opts.measure_fraction > 0 else (fit, fit)
+        space = CriterionSpace.build_for(model, cfg, replace(method, quiet=opts.quiet), stats)
     else:
         space = PruningSpace.build(model, cfg)
     pool = space.pool
     if not pool:
         raise ConfigError("nothing to allocate: every prunable weight is excluded or has a fixed sparsity")
-    spec = DriftSpec(opts.metric, opts.output, opts.label_output)
-    evaluator = DriftEvaluator(model, space.names, fit, spec, opts.runtime, jobs=opts.jobs)
+    spec = DriftSpec(opts.metric, opts.output, opts.label_output, opts.mask_input)
+    evaluator = DriftEvaluator(model, space.names, measure, spec, opts.runtime, jobs=opts.jobs)
     swept = units(space, pool, opts.groups)
     for name, members in swept:
         bounds = [space.targets[i].bounds for i in members]
@@ -314,7 +325,7 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
                              f"measures {verified:.6g} ({describe(opts.metric)}) on the calibration data")
     arrays = outcomes = criterion = None
     if calibrated:
-        final = _method_final(model, cfg, search, final_levels, method, fit, opts, verified)
+        final = _method_final(model, cfg, search, final_levels, method, stats, opts, verified)
         arrays, outcomes, criterion = final.arrays, final.outcomes, final.info
         final_levels, final_measured, verified = final.levels, final.measured, final.verified
     search_evals = evaluator.evaluations - sweep_evals
@@ -349,7 +360,7 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
         "measured_drift": final_measured,
         "verified_drift": verified,
         "levels": list(opts.levels),
-        "search_data": calibration_info(fit, evaluator),
+        "search_data": calibration_info(measure, evaluator),
         "held_out": held.description if held is not None else None,
         "weights": weights,
         "groups": list(opts.groups),
@@ -496,6 +507,7 @@ def _method_final(model: onnx.ModelProto, cfg: PruneConfig, search: _Search, lev
         "method": method.method.value,
         "variants": "one-shot: each weight pruned alone from the dense model's statistics (one pass)",
         "statistics": fit.description,
+        "drift_measured_on": evaluator.calibration.description,
         "statistics_passes": space.passes,
         "fallback": dict(space.fallback),
         "one_shot_sparsity": _overall(space, search.pool, levels),

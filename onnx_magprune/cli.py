@@ -177,6 +177,9 @@ _drift_options = _compose(
                  help="Evaluate the sweep in N parallel processes (one ONNX Runtime session each)."),
     click.option("--group", "groups", multiple=True, metavar="GLOB",
                  help="Sweep (and allocate) the weights whose name matches GLOB as one unit (repeatable)."),
+    click.option("--drift-mask", "drift_mask", default=None, metavar="INPUT",
+                 help="Count only the positions this input marks non-zero (e.g. attention_mask: padding is "
+                      "not data) in outputs whose leading axes have its shape."),
 )
 _allocation_options = _compose(
     click.option("--target-drift", type=float, default=None, metavar="X",
@@ -184,6 +187,10 @@ _allocation_options = _compose(
                       "--calibration stays within X (with --method obs/wanda: pruned by that criterion)."),
     click.option("--allocate", type=click.Choice(["none", "sensitivity"]), default="none", show_default=True,
                  help="With --sparsity S: share S between weights by sensitivity (least drift)."),
+    click.option("--measure-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.3,
+                 show_default=True, metavar="F",
+                 help="With --method obs/wanda: the last F of the search samples measure drift; the rest feed "
+                      "the criterion's statistics."),
     click.option("--drift-output", default=None, metavar="NAME",
                  help="The output whose drift counts [default: the worst output]."),
     _drift_options,
@@ -341,7 +348,8 @@ def _allocation(kw, quiet: bool):
                              metric=kw["metric"], output=kw["drift_output"], label_output=kw["label_output"],
                              labels=kw["labels"], levels=kw["levels"], holdout=kw["holdout"],
                              max_samples=kw["max_samples"], runtime=_runtime(kw), jobs=kw["jobs"],
-                             plots=kw["plot_dir"], groups=kw["groups"], quiet=quiet)
+                             plots=kw["plot_dir"], groups=kw["groups"], measure_fraction=kw["measure_fraction"],
+                             mask_input=kw["drift_mask"], quiet=quiet)
 
 
 def _allocation_output(report, markdown_path, as_json: bool, quiet: bool, plot_dir) -> None:
@@ -457,7 +465,7 @@ def sensitivity(model, drift_output, config_path, exclude, min_numel, include_ov
                                                    include_overridable=include_overridable)
     options = SweepOptions(levels=kw["levels"], metric=kw["metric"], output=drift_output,
                            label_output=kw["label_output"], runtime=_runtime(kw), jobs=kw["jobs"],
-                           groups=kw["groups"], quiet=quiet)
+                           groups=kw["groups"], mask_input=kw["drift_mask"], quiet=quiet)
     report = sensitivity_sweep(model, kw["calibration"], config=cfg, options=options, labels=kw["labels"],
                                max_samples=kw["max_samples"])
     if plot_path:

@@ -37,6 +37,19 @@ class DriftSpec:
     metric: Metric = Metric.REL_L2
     output: str | None = None
     label_output: str | None = None
+    # an input whose non-zero entries mark the positions that count (e.g. a transformer's attention_mask):
+    # outputs whose leading axes have its shape are compared on those positions only (padding is not data)
+    mask_input: str | None = None
+
+
+def masked(feeds: Mapping[str, np.ndarray], spec: DriftSpec, dense: np.ndarray, pruned: np.ndarray):
+    """(dense, pruned) restricted to the positions ``spec.mask_input`` marks, when the output has them."""
+    if spec.mask_input is None:
+        return dense, pruned
+    mask = np.asarray(feeds[spec.mask_input]) != 0
+    if dense.shape[:mask.ndim] != mask.shape:
+        return dense, pruned
+    return dense[mask], pruned[mask]
 
 
 @dataclass
@@ -76,7 +89,7 @@ class _Session:
         for (feeds, labels), dense in zip(st.batches, st.dense):
             outs = run(self.session, {**feeds, **overrides}, "the pruned model")
             for n, d, p in zip(st.names, dense, outs):
-                drifts[n].update(d, p)
+                drifts[n].update(*masked(feeds, st.spec, d, p))
             if acc is not None and labels is not None:
                 i = st.names.index(acc.output)
                 acc.update(dense[i], outs[i], labels)
@@ -125,6 +138,9 @@ class DriftEvaluator:
         batches = [(dict(b.feeds), b.labels) for b in self.calibration.batches(batch)]
         if not batches:
             raise CalibrationError(f"{self.calibration.description}: no samples")
+        if self.spec.mask_input is not None and self.spec.mask_input not in batches[0][0]:
+            raise CalibrationError(f"no input named '{self.spec.mask_input}' to mask the drift with "
+                                   f"(inputs: {', '.join(sorted(batches[0][0]))})")
         state = _State(proto.SerializeToString(), list(choice.providers), list(choice.options), self.runtime.threads,
                        batches, [], [], self.spec, None)
         self._session = _Session(state)

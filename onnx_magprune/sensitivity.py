@@ -56,6 +56,7 @@ class SweepOptions:
     runtime: RuntimeOptions = RuntimeOptions()
     jobs: int = 1
     groups: tuple[str, ...] = ()  # name globs: the weights one glob matches are swept as one unit
+    mask_input: str | None = None  # see DriftSpec.mask_input
     quiet: bool = True
 
     def __post_init__(self):
@@ -67,7 +68,7 @@ class SweepOptions:
 
     @property
     def spec(self) -> DriftSpec:
-        return DriftSpec(self.metric, self.output, self.label_output)
+        return DriftSpec(self.metric, self.output, self.label_output, self.mask_input)
 
 
 @dataclass
@@ -263,4 +264,5 @@ def sensitivity_sweep(
 
 def calibration_info(calib: CalibrationSet, evaluator: DriftEvaluator) -> dict[str, Any]:
     return {"description": calib.description, "synthetic": calib.synthetic, "samples": evaluator.samples,
-            "batch_size": evaluator.batch_size, "label_output": evaluator._session.state.label_output}
+            "batch_size": evaluator.batch_size, "label_output": evaluator._session.state.label_output,
+            "drift_mask": evaluator.spec.mask_input}

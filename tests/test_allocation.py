@@ -168,6 +168,7 @@ def test_input_not_modified_and_holdout_validated(files, tmp_path):
     (("--target-drift", "0.1", "--calibration", "CALIB", "--method", "wanda", "--pattern", "2:4"), "drop --pattern"),
     (("--target-drift", "0.1", "--calibration", "CALIB", "--metric", "accuracy"), "needs labels"),
     (("--target-drift", "0.1", "--calibration", "CALIB", "--drift-output", "nope"), "no output named"),
+    (("--target-drift", "0.1", "--calibration", "CALIB", "--drift-mask", "nope"), "no input named 'nope'"),
     (("--sparsity", "0.5", "--allocate", "sensitivity", "--calibration", "CALIB", "--structured", "neurons"),
      "drop --structured"),
 ])

@@ -15,7 +15,7 @@ from onnx_magprune import allocation_search
 from onnx_magprune.allocation_search import AllocationOptions
 from onnx_magprune.allocation_variants import CriterionSpace
 from onnx_magprune.api import prune_file
-from onnx_magprune.calibration import open_calibration
+from onnx_magprune.calibration import open_calibration, split_holdout
 from onnx_magprune.cli import main
 from onnx_magprune.config import PruneConfig
 from onnx_magprune.methods import MethodOptions
@@ -43,6 +43,15 @@ def obs(calib, **kw) -> MethodOptions:
     return MethodOptions(method=kw.pop("method", "obs"), calibration=calib, **kw)
 
 
+def measured_part(tmp_path, calib) -> str:
+    """The samples the search measures drift on: the last 30% (rounded half up) of the 64, 45..63;
+    the criterion's statistics come from 0..44."""
+    x = np.load(calib)["x"]
+    path = tmp_path / "measured.npz"
+    np.savez(path, x=x[45:])
+    return str(path)
+
+
 @pytest.mark.parametrize("budget", [0.02, 0.1, 0.3])
 def test_obs_target_drift_never_exceeds_budget(files, tmp_path, budget):
     model, calib = files
@@ -51,9 +60,10 @@ def test_obs_target_drift_never_exceeds_budget(files, tmp_path, budget):
                    allocation=AllocationOptions(calibration=calib, target_drift=budget, levels=LEVELS, holdout=0.0))
     a = r.allocation
     assert a["measured_drift"] <= budget and a["verified_drift"] <= budget
-    measured = validate_models(model, out, calib).outputs[0]["rel_l2"]  # what the user would check
-    assert measured == pytest.approx(a["verified_drift"], rel=1e-6)
+    measured = validate_models(model, out, measured_part(tmp_path, calib)).outputs[0]["rel_l2"]
+    assert measured == pytest.approx(a["verified_drift"], rel=1e-6)  # what the user would check
     c = a["criterion"]
+    assert "samples 0..44 of 64" in c["statistics"] and "samples 45..63 of 64" in c["drift_measured_on"]
     assert c["method"] == "obs" and c["statistics_passes"] == 1 and c["fallback"] == {}
     assert 1 <= len(c["pipeline_runs"]) <= AllocationOptions(calibration=calib).pipeline_runs
     # the written weights have exactly the zeros the chosen levels say
@@ -110,10 +120,11 @@ def test_pipeline_worse_than_variants_writes_the_variants(files, tmp_path, monke
                    allocation=AllocationOptions(calibration=calib, target_drift=0.1, levels=LEVELS, holdout=0.0))
     c = r.allocation["criterion"]
     assert c["final"].startswith("one-shot") and [x["kept"] for x in c["pipeline_runs"]] == [False]
-    measured = validate_models(model, out, calib).outputs[0]["rel_l2"]
+    measured = validate_models(model, out, measured_part(tmp_path, calib)).outputs[0]["rel_l2"]
     assert measured == pytest.approx(c["one_shot_drift"], rel=1e-6) and measured <= 0.1
     proto = onnx.load(str(model))
-    space = CriterionSpace.build_for(proto, PruneConfig(), obs(str(calib)), open_calibration(str(calib), proto))
+    stats, _measure = split_holdout(open_calibration(str(calib), proto), 0.3)  # as the search splits it
+    space = CriterionSpace.build_for(proto, PruneConfig(), obs(str(calib)), stats)
     w = weights_of(out)
     levels = {x["name"]: x["sparsity"] for x in r.allocation["weights"]}
     for i, name in enumerate(space.names):
@@ -199,7 +210,8 @@ def test_name_shared_with_a_subgraph_weight_leaves_both_unpruned(tmp_path):
                for t in a.g.initializer][0]
         assert np.array_equal(numpy_helper.to_array(sub), s_sub)
         assert np.array_equal(weights_of(out)["S"], s_main)
-        assert validate_models(model, out, calib).outputs[0]["rel_l2"] == pytest.approx(
+        part = calib if method is None else measured_part(tmp_path, calib)  # magnitude measures on all of them
+        assert validate_models(model, out, part).outputs[0]["rel_l2"] == pytest.approx(
             r.allocation["verified_drift"], rel=1e-6)
         assert "S" not in {x["name"] for x in r.allocation["weights"]}
 
@@ -249,6 +261,52 @@ def test_quantized_weight_with_a_calibrated_criterion(tmp_path):
     assert int(np.count_nonzero(weights_of(out)["Aq"] == zp)) == round(0.9 * aq.size)
     r = prune_file(model, out, overwrite=True, method=obs(calib, holdout=0.0),
                    allocation=AllocationOptions(calibration=calib, target_drift=0.1, levels=LEVELS, holdout=0.0))
-    assert validate_models(model, out, calib).outputs[0]["rel_l2"] <= 0.1
+    assert validate_models(model, out, measured_part(tmp_path, calib)).outputs[0]["rel_l2"] <= 0.1
     assert weights_of(out)["Aq"].dtype == np.int8
     assert {t.name: t.method["criterion"] for t in r.tensors}["Aq"] == "obs"
+
+
+def test_measuring_on_the_fitted_samples_is_optimistic(files, tmp_path):
+    """measure_fraction 0: statistics and drift on the same samples (re-fits look better there than
+    on samples they did not see); the default measures on samples the criterion did not fit."""
+    model, calib = files
+    got = {}
+    for frac in (0.0, 0.3):
+        r = prune_file(model, tmp_path / f"p{frac}.onnx", method=obs(calib, holdout=0.0),
+                       allocation=AllocationOptions(calibration=calib, target_drift=0.1, levels=LEVELS, holdout=0.0,
+                                                    measure_fraction=frac))
+        got[frac] = r.allocation
+    assert got[0.0]["criterion"]["statistics"] == got[0.0]["criterion"]["drift_measured_on"]
+    assert got[0.3]["criterion"]["statistics"] != got[0.3]["criterion"]["drift_measured_on"]
+    with pytest.raises(Exception, match="measure_fraction"):
+        AllocationOptions(calibration=calib, measure_fraction=1.0)
+
+
+def test_drift_mask_counts_only_the_marked_positions(tmp_path):
+    """--drift-mask: outputs whose leading axes have the mask's shape are compared on its non-zero
+    positions only (a transformer's padding is not data); other outputs as a whole."""
+    from onnx_magprune.evaluator import DriftEvaluator, DriftSpec
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("ReduceSum", ["y"], ["t"], keepdims=0)]
+    model = make_model(nodes, [vi("x", ["N", "T", 4]), vi("m", ["N", "T"], TensorProto.INT64)],
+                       [vi("y", ["N", "T", 6]), vi("t", [])], [numpy_helper.from_array(w, "W")])
+    x = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    m = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=np.int64)
+    x[m == 0] *= 50  # padding rows are large: they would dominate the whole-output error
+    feeds = [{"x": x, "m": m}]
+    pruned = w.copy()
+    pruned[np.abs(w) < np.quantile(np.abs(w), 0.5)] = 0
+    y, yp = x @ w, x @ pruned
+    keep = m != 0
+    want = np.linalg.norm(yp[keep] - y[keep]) / np.linalg.norm(y[keep])
+    ev = DriftEvaluator(model, ["W"], open_calibration(feeds, model), DriftSpec(output="y", mask_input="m"))
+    assert ev.drift({"W": pruned}) == pytest.approx(want, rel=1e-5)
+    plain = DriftEvaluator(model, ["W"], open_calibration(feeds, model), DriftSpec(output="y"))
+    assert plain.drift({"W": pruned}) == pytest.approx(np.linalg.norm(yp - y) / np.linalg.norm(y), rel=1e-5)
+    scalar = DriftEvaluator(model, ["W"], open_calibration(feeds, model), DriftSpec(output="t", mask_input="m"))
+    t, tp = y.sum(), yp.sum()
+    assert scalar.drift({"W": pruned}) == pytest.approx(abs(tp - t) / abs(t), rel=1e-4)  # not masked: no T axis
+    with pytest.raises(Exception, match="no input named 'mask'"):
+        DriftEvaluator(model, ["W"], open_calibration(feeds, model), DriftSpec(output="y", mask_input="mask"))
