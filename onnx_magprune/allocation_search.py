@@ -256,12 +256,17 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
     fit, held = split_holdout(calib, opts.holdout)
     calibrated = method is not None and method.needs_calibration
     measure, stats = fit, None
+    early_notes: list[str] = []
     if calibrated:
         from .allocation_variants import CriterionSpace
 
         # the criterion fits on the first samples and the drift is measured on the rest: measured on the
         # samples it fitted, a re-fit looks far better than it is (and the search would over-prune)
         stats, measure = split_holdout(fit, opts.measure_fraction) if opts.measure_fraction > 0 else (fit, fit)
+        if measure is None:  # a single sample (or batch): nothing to split
+            stats, measure = fit, fit
+            early_notes.append("the search data is one sample (or batch), too little to split: the drift is "
+                               "measured on the samples the criterion fitted, which is optimistic")
         space = CriterionSpace.build_for(model, cfg, replace(method, quiet=opts.quiet), stats)
     else:
         space = PruningSpace.build(model, cfg)
@@ -290,7 +295,7 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
         search.fixed_cost = sum(to_cost(max(v, 0.0), quadrature=quadrature) for v in values)
     n_pool = search.pool_numel
     curve_list = ucurves
-    notes: list[str] = []
+    notes: list[str] = list(early_notes)
     chosen_by = "allocation"
     if opts.target_drift is None:
         k = target_count(cfg.sparsity, n_pool)

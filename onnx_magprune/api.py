@@ -295,7 +295,7 @@ def _chosen(alloc, where):
     if alloc is None or alloc.arrays is None:
         return None, where
     held = alloc.report.get("held_out")
-    return alloc, {"statistics": alloc.report["search_data"]["description"],
+    return alloc, {"statistics": alloc.report["criterion"]["statistics"],
                    "validated_on": held or "the statistics samples themselves (holdout 0: optimistic)"}
 
 

@@ -10,7 +10,7 @@ straight into the tensor's shape (no Reshape; filler mode only).
 In the ``rows`` layout (position mode) each row along the last axis is a fiber
 whose entries store their positions in the row directly (one byte for rows of
 up to 256, two bytes up to 65,536) with their values, rows padded to the
-longest by repeating their last entry.  Decoding is a Cast of the positions
+longest with 0.0 written at distinct zero positions.  Decoding is a Cast of the positions
 to int32 and one ScatterElements along axis 1 into zeros of shape [rows, row
 length], which is the weight itself when it is 2-D: the fewest and smallest
 intermediates, so the fastest session start, at two bytes per non-zero
@@ -433,19 +433,24 @@ def encode(array: np.ndarray, alphabet: Alphabet) -> CompactTensor:
 
 def _encode_positions(shape: tuple[int, ...], flat: np.ndarray, fibers: int, alphabet: Alphabet) -> CompactTensor:
     """Position mode: row f's non-zeros as (position, value) pairs, rows padded to the longest
-    one by repeating their last pair (an empty row writes 0.0 at position 0)."""
-    g = _gaps(nonzero_mask(flat), fibers)
+    one with +0.0 written at the row's first zero positions (k <= the row length, so a row
+    short of k entries has enough zeros): no index repeats, as ScatterElements requires."""
+    mask = nonzero_mask(flat)
+    g = _gaps(mask, fibers)
     per = np.bincount(g.plane, minlength=fibers).astype(np.int64)
     k = max(int(per.max()) if per.size else 0, 1)
     col = np.arange(g.pos.size) - (np.cumsum(per) - per)[g.plane]
     pos = np.zeros((fibers, k), dtype=np.int64)
-    values = np.zeros((fibers, k), dtype=flat.dtype)
+    values = np.zeros((fibers, k), dtype=flat.dtype)  # pads keep +0.0
     pos[g.plane, col] = g.pos
     values[g.plane, col] = flat[g.plane * g.length + g.pos]
-    last = np.maximum(per - 1, 0)
-    rows = np.arange(fibers)
-    pad = np.arange(k)[None, :] >= per[:, None]
-    pos = np.where(pad, pos[rows, last][:, None], pos)
-    values = np.where(pad, values[rows, last][:, None], values)
+    need = k - per
+    if need.any():
+        zeros = np.flatnonzero(~mask)
+        row = zeros // g.length
+        zeros_per = np.bincount(row, minlength=fibers)
+        rank = np.arange(zeros.size) - (np.cumsum(zeros_per) - zeros_per)[row]
+        take = rank < need[row]
+        pos[row[take], per[row[take]] + rank[take]] = zeros[take] - row[take] * g.length
     return CompactTensor(shape, flat.dtype, alphabet, k, pos.astype(alphabet.code_dtype), values,
                          np.zeros(fibers, dtype=np.int64))

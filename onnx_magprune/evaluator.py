@@ -38,7 +38,8 @@ class DriftSpec:
     output: str | None = None
     label_output: str | None = None
     # an input whose non-zero entries mark the positions that count (e.g. a transformer's attention_mask):
-    # outputs whose leading axes have its shape are compared on those positions only (padding is not data)
+    # outputs with more axes than it whose leading axes have its shape ([batch, tokens, features]) are
+    # compared on those positions only (padding is not data); other outputs count whole
     mask_input: str | None = None
 
 
@@ -47,7 +48,7 @@ def masked(feeds: Mapping[str, np.ndarray], spec: DriftSpec, dense: np.ndarray, 
     if spec.mask_input is None:
         return dense, pruned
     mask = np.asarray(feeds[spec.mask_input]) != 0
-    if dense.shape[:mask.ndim] != mask.shape:
+    if dense.ndim <= mask.ndim or dense.shape[:mask.ndim] != mask.shape:  # per-position vectors only
         return dense, pruned
     return dense[mask], pruned[mask]
 
@@ -147,6 +148,13 @@ class DriftEvaluator:
         self.sessions_created += 1
         state.names = output_names(self._session.session)
         state.dense = [run(self._session.session, feeds, "the dense model") for feeds, _ in batches]
+        if self.spec.mask_input is not None:
+            marked = [sum(masked(f, self.spec, d, d)[0].size for (f, _), d in zip(batches, dense)) for dense in
+                      zip(*state.dense)]
+            sized = [sum(d.size for d in dense) for dense in zip(*state.dense)]
+            if any(m == 0 < n for m, n in zip(marked, sized)):
+                raise CalibrationError(f"--drift-mask '{self.spec.mask_input}' marks no position of the "
+                                       "calibration data: every masked output would compare nothing")
         has_labels = all(labels is not None for _, labels in batches)
         if has_labels:
             chosen = self.spec.label_output or pick_label_output(

@@ -310,3 +310,17 @@ def test_drift_mask_counts_only_the_marked_positions(tmp_path):
     assert scalar.drift({"W": pruned}) == pytest.approx(abs(tp - t) / abs(t), rel=1e-4)  # not masked: no T axis
     with pytest.raises(Exception, match="no input named 'mask'"):
         DriftEvaluator(model, ["W"], open_calibration(feeds, model), DriftSpec(output="y", mask_input="mask"))
+    nothing = [{"x": x, "m": np.zeros_like(m)}]  # e.g. token_type_ids passed by mistake
+    with pytest.raises(Exception, match="marks no position"):
+        DriftEvaluator(model, ["W"], open_calibration(nothing, model), DriftSpec(output="y", mask_input="m"))
+
+
+def test_single_search_batch_measures_in_sample_with_a_note(tmp_path):
+    model = fragile_model()
+    feeds = [calibration(16)]  # one whole batch: nothing to split
+    from onnx_magprune.api import prune_model
+
+    _, r = prune_model(model, method=obs(feeds, holdout=0.0),
+                       allocation=AllocationOptions(calibration=feeds, target_drift=0.1, levels=LEVELS, holdout=0.0))
+    assert any("too little to split" in n for n in r.allocation["notes"])
+    assert r.allocation["verified_drift"] <= 0.1

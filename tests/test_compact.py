@@ -415,6 +415,7 @@ def test_rows_layout_stores_positions_and_decodes_without_cumsum_or_reshape():
     assert code.entries == max(int(np.count_nonzero(a, axis=1).max()), 1)
     assert code.nbytes == 64 * code.entries * (2 + 4)
     assert bits(code.decode()) == bits(a)
+    assert all(len(set(row)) == code.entries for row in code.codes.tolist())  # no index repeats in a row
     ops = [n.op_type for n in decoder(code, "W", TensorProto.FLOAT, set()).nodes]
     assert ops == ["Cast", "ConstantOfShape", "ScatterElements"]  # straight into the [rows, columns] shape
     three_d = a.reshape(8, 8, 300)
