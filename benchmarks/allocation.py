@@ -272,7 +272,7 @@ def readme_section(result: dict) -> str:
                   f"{r['prunable_params']:,} prunable parameters in {r['prunable_weights']} weights; {r['data']}; "
                   f"output `{r['output']}`"
                   + (f" over the positions `{r['drift_mask']}` marks (real tokens)" if r.get("drift_mask") else "")
-                  + ". Sweep: {r['sweep']['evaluations']} evaluations in "
+                  + f". Sweep: {r['sweep']['evaluations']} evaluations in "
                   f"{r['sweep']['seconds']} s ({r['sweep']['evaluations_per_second']}/s, one session).", "",
                   "| overall sparsity | local | global | allocated | obs local | obs allocated |",
                   "|---|---|---|---|---|---|"]
