@@ -142,28 +142,40 @@ def test_sparsity_mode_with_wanda(files, tmp_path):
     assert len(r.allocation["criterion"]["pipeline_runs"]) == 1  # the level is given: one run, no search
 
 
-def test_weights_a_session_cannot_feed_stay_unpruned(tmp_path):
-    """A weight inside an If branch is left alone (it used to get no level at all under --target-drift)."""
+def if_model(tmp_path, sub_w: np.ndarray, branch_input: str, main_nodes=(), main_inits=()):
+    """The fragile model, then ``main_nodes``, then If(c) whose then-branch multiplies
+    ``branch_input`` by its own initializer ``S`` (= ``sub_w``); writes it and its calibration."""
     base = fragile_model()
-    sub_w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32), "S")
-    branch = helper.make_graph([helper.make_node("MatMul", ["y", "S"], ["z_then"])], "then", [],
-                               [helper.make_tensor_value_info("z_then", TensorProto.FLOAT, None)], [sub_w])
-    other = helper.make_graph([helper.make_node("Identity", ["y"], ["z_else"])], "else", [],
+    branch = helper.make_graph([helper.make_node("MatMul", [branch_input, "S"], ["z_then"])], "then", [],
+                               [helper.make_tensor_value_info("z_then", TensorProto.FLOAT, None)],
+                               [numpy_helper.from_array(sub_w, "S")])
+    other = helper.make_graph([helper.make_node("Identity", [branch_input], ["z_else"])], "else", [],
                               [helper.make_tensor_value_info("z_else", TensorProto.FLOAT, None)])
-    nodes = list(base.graph.node) + [helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=other)]
-    inits = list(base.graph.initializer) + [numpy_helper.from_array(np.array(True), "c")]
+    nodes = list(base.graph.node) + list(main_nodes) + [
+        helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=other)]
+    inits = list(base.graph.initializer) + list(main_inits) + [numpy_helper.from_array(np.array(True), "c")]
     model = tmp_path / "if.onnx"
     model.write_bytes(make_model(nodes, [vi("x", ["N", 16])], [vi("z", ["N", 8])], inits).SerializeToString())
     calib = tmp_path / "c.npz"
     np.savez(calib, **calibration())
+    return model, calib
+
+
+def then_initializer(path) -> np.ndarray:
+    got = onnx.load(str(path))
+    return numpy_helper.to_array([t for n in got.graph.node if n.op_type == "If" for a in n.attribute
+                                  if a.name == "then_branch" for t in a.g.initializer][0])
+
+
+def test_weights_a_session_cannot_feed_stay_unpruned(tmp_path):
+    """A weight inside an If branch is left alone (it used to get no level at all under --target-drift)."""
+    sub_w = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)
+    model, calib = if_model(tmp_path, sub_w, "y")
     out = tmp_path / "p.onnx"
     for method in (None, obs(calib, holdout=0.0)):
         r = prune_file(model, out, method=method, overwrite=True, min_numel=16,
                        allocation=AllocationOptions(calibration=calib, target_drift=0.1, levels=LEVELS, holdout=0))
-        got = onnx.load(str(out))
-        s = [t for n in got.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"
-             for t in a.g.initializer][0]
-        assert np.array_equal(numpy_helper.to_array(s), numpy_helper.to_array(sub_w))
+        assert np.array_equal(then_initializer(out), sub_w)
         assert {x["name"]: x["sparsity"] for x in r.allocation["weights"]}.get("S") is None
         row = [t for t in r.tensors if t.name == "S"][0]
         assert row.target_sparsity == 0.0 and row.zeros_after == 0
@@ -185,30 +197,15 @@ def test_cli_obs_target_drift_on_digits(tmp_path):
 def test_name_shared_with_a_subgraph_weight_leaves_both_unpruned(tmp_path):
     """Rules and reports go by name: a main-graph weight named like one inside a subgraph cannot be
     given its own level, so neither is pruned (the main one used to get the other's level, unmeasured)."""
-    base = fragile_model()
     rng = np.random.default_rng(5)
     s_main, s_sub = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
-    branch = helper.make_graph([helper.make_node("MatMul", ["y2", "S"], ["z_then"])], "then", [],
-                               [helper.make_tensor_value_info("z_then", TensorProto.FLOAT, None)],
-                               [numpy_helper.from_array(s_sub, "S")])
-    other = helper.make_graph([helper.make_node("Identity", ["y2"], ["z_else"])], "else", [],
-                              [helper.make_tensor_value_info("z_else", TensorProto.FLOAT, None)])
-    nodes = list(base.graph.node) + [helper.make_node("MatMul", ["y", "S"], ["y2"]),
-                                     helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=other)]
-    inits = list(base.graph.initializer) + [numpy_helper.from_array(s_main, "S"),
-                                            numpy_helper.from_array(np.array(True), "c")]
-    model = tmp_path / "m.onnx"
-    model.write_bytes(make_model(nodes, [vi("x", ["N", 16])], [vi("z", ["N", 8])], inits).SerializeToString())
-    calib = tmp_path / "c.npz"
-    np.savez(calib, **calibration())
+    model, calib = if_model(tmp_path, s_sub, "y2", [helper.make_node("MatMul", ["y", "S"], ["y2"])],
+                            [numpy_helper.from_array(s_main, "S")])
     out = tmp_path / "p.onnx"
     for method in (None, obs(calib, holdout=0.0)):
         r = prune_file(model, out, method=method, overwrite=True, min_numel=16,
                        allocation=AllocationOptions(calibration=calib, target_drift=0.2, levels=LEVELS, holdout=0))
-        got = onnx.load(str(out))
-        sub = [t for n in got.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"
-               for t in a.g.initializer][0]
-        assert np.array_equal(numpy_helper.to_array(sub), s_sub)
+        assert np.array_equal(then_initializer(out), s_sub)
         assert np.array_equal(weights_of(out)["S"], s_main)
         part = calib if method is None else measured_part(tmp_path, calib)  # magnitude measures on all of them
         assert validate_models(model, out, part).outputs[0]["rel_l2"] == pytest.approx(
