@@ -330,7 +330,7 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
                              f"measures {verified:.6g} ({describe(opts.metric)}) on the calibration data")
     arrays = outcomes = criterion = None
     if calibrated:
-        final = _method_final(model, cfg, search, final_levels, method, stats, opts, verified)
+        final = _method_final(model, cfg, search, final_levels, method, stats, opts, final_measured, verified)
         arrays, outcomes, criterion = final.arrays, final.outcomes, final.info
         final_levels, final_measured, verified = final.levels, final.measured, final.verified
     search_evals = evaluator.evaluations - sweep_evals
@@ -495,19 +495,19 @@ def _pipeline(model: onnx.ModelProto, cfg: PruneConfig, names: list[str], levels
 
 
 def _method_final(model: onnx.ModelProto, cfg: PruneConfig, search: _Search, levels: dict[int, float],
-                  method: MethodOptions, fit, opts: AllocationOptions, verified: float) -> _Final:
+                  method: MethodOptions, fit, opts: AllocationOptions, measured: float, verified: float) -> _Final:
     """The weights prune writes for a calibrated criterion.
 
     The search measured one-shot variants (see allocation_variants) and chose ``levels``
-    (``verified``: their drift run as written).  The method's own pipeline is then run at those
+    (``measured``: their drift in the search's session; ``verified``: run as written).  The method's own pipeline is then run at those
     levels and kept when it measures no more drift (and, with --target-drift, stays within the
     budget when run as written).  It usually measures clearly less, so with --target-drift the
     overall level is raised by a short bisection on the pipeline's own measured drift
     (``opts.pipeline_runs`` runs in all).  Whatever is written is exactly what was measured."""
     space, evaluator = search.space, search.evaluator
     names, fixed = space.names, search.fixed
-    one_shot = space.overrides({**fixed, **levels})
-    one_shot_measured = evaluator.drift(one_shot)
+    one_shot = space.overrides({**fixed, **levels})  # (cached: the variants the search measured)
+    one_shot_measured = measured
     info: dict[str, Any] = {
         "method": method.method.value,
         "variants": "one-shot: each weight pruned alone from the dense model's statistics (one pass)",
@@ -529,26 +529,27 @@ def _method_final(model: onnx.ModelProto, cfg: PruneConfig, search: _Search, lev
     k, trial = lo_k, levels
     for run_no in range(opts.pipeline_runs):
         arrays, outcomes, run_info = _pipeline(model, cfg, names, {**fixed, **trial}, method, fit, opts.quiet)
-        measured = evaluator.drift(arrays)
-        ok = measured <= (best.measured if run_no == 0 else budget)
+        drift = evaluator.drift(arrays)
+        ok = drift <= (best.measured if run_no == 0 else budget)
         plain = None
         if ok:
             plain = _plain_drift(model, arrays, evaluator, opts.runtime)
             ok = budget is None or plain <= budget
         info.setdefault("warnings", list(run_info.get("warnings", [])))
-        info["pipeline_runs"].append({"sparsity": _overall(space, search.pool, trial), "measured_drift": measured,
+        info["pipeline_runs"].append({"sparsity": _overall(space, search.pool, trial), "measured_drift": drift,
                                       "plain_drift": plain, "kept": ok,
                                       **{key: run_info[key] for key in ("passes", "sessions", "seconds")
                                          if key in run_info}})
         if ok:
-            best = _Final(arrays, outcomes, info, trial, measured, plain)
+            best = _Final(arrays, outcomes, info, trial, drift, plain)
             info["warnings"] = list(run_info.get("warnings", []))
             lo_k = k
         else:
             hi_k = k
         if budget is None or (run_no == 0 and not ok):
             break  # --sparsity S: the level is given; a pipeline worse than the variants: keep the variants
-        scale = measured / search.predicted(trial) if search.predicted(trial) > 0 else 1.0
+        predicted = search.predicted(trial)
+        scale = drift / predicted if predicted > 0 else 1.0
         nxt = search.zeros_for(budget, scale)
         if not lo_k + tol // 2 < nxt < hi_k - tol // 2:
             nxt = (lo_k + hi_k) // 2
