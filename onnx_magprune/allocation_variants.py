@@ -41,6 +41,7 @@ class CriterionSpace(PruningSpace):
     _runner: _Runner | None = field(default=None, repr=False)
     _stats: dict[int, LayerStats] = field(default_factory=dict, repr=False)
     _last: dict[int, tuple[int, np.ndarray, dict]] = field(default_factory=dict, repr=False)  # i -> (count, ...)
+    _finite: dict[int, int] = field(default_factory=dict, repr=False)  # i -> finite entries of the dense weight
 
     @classmethod
     def build_for(cls, model: onnx.ModelProto, cfg: PruneConfig, method: MethodOptions,
@@ -69,13 +70,15 @@ class CriterionSpace(PruningSpace):
         if runner is None or i not in self._stats:  # no statistics: the magnitude variant
             return super().stored(i, sparsity)
         t, tv = self.targets[i], self.values[i]
-        dense = runner._initial(t, tv)  # always from the dense weight: one-shot
-        finite = dense.size - int(np.count_nonzero(~np.isfinite(dense.astype(np.float32))))
-        count = target_count(sparsity, finite)
+        dense = None
+        if i not in self._finite:
+            dense = runner._initial(t, tv)
+            self._finite[i] = dense.size - int(np.count_nonzero(~np.isfinite(dense.astype(np.float32))))
+        count = target_count(sparsity, self._finite[i])
         last = self._last.get(i)
         if last is not None and last[0] == count:  # the search measures the same variant more than once
             return last[1]
-        runner.cur[i] = dense
+        runner.cur[i] = dense if dense is not None else runner._initial(t, tv)  # from the dense weight: one-shot
         runner.outcomes[i] = LayerOutcome(runner._criterion(i))
         runner._prune_layer(i, count, self._stats[i])
         final = runner.cur[i]

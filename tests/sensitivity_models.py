@@ -38,6 +38,11 @@ def calibration(n=64, seed=7) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)}
 
 
+def weights_of(path) -> dict[str, np.ndarray]:
+    """The top-level initializers of the model file at ``path``."""
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
 def write(tmp_path):
     model = tmp_path / "frag.onnx"
     model.write_bytes(fragile_model().SerializeToString())

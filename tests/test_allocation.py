@@ -6,10 +6,8 @@ import json
 import sys
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import numpy_helper
 
 from onnx_magprune.allocation import allocate, make_curve, max_zeros, min_zeros, zeros_for_cost
 from onnx_magprune.allocation_search import AllocationOptions, escape_glob
@@ -19,7 +17,7 @@ from onnx_magprune.config import PruneConfig, Rule
 from onnx_magprune.errors import ConfigError
 from onnx_magprune.validate import validate_models
 from conftest import MODELS
-from sensitivity_models import write
+from sensitivity_models import weights_of, write
 
 LEVELS = (0.3, 0.5, 0.7, 0.9)
 
@@ -31,10 +29,6 @@ def invoke(*args):
 @pytest.fixture
 def files(tmp_path):
     return write(tmp_path)
-
-
-def weights_of(path) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
 def sparsity(a: np.ndarray) -> float:

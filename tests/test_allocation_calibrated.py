@@ -21,7 +21,7 @@ from onnx_magprune.config import PruneConfig
 from onnx_magprune.methods import MethodOptions
 from onnx_magprune.validate import validate_models
 from conftest import MODELS, make_model, vi
-from sensitivity_models import calibration, fragile_model, write
+from sensitivity_models import calibration, fragile_model, weights_of, write
 
 LEVELS = (0.3, 0.5, 0.7, 0.9)
 
@@ -29,10 +29,6 @@ LEVELS = (0.3, 0.5, 0.7, 0.9)
 @pytest.fixture
 def files(tmp_path):
     return write(tmp_path)
-
-
-def weights_of(path) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
 def zeros(a: np.ndarray) -> int:
