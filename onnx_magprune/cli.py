@@ -166,6 +166,10 @@ _structured_options = _compose(
                  help="--structured with --method magnitude: rank units by this norm of their weights."),
     click.option("--min-units", type=click.IntRange(min=1), default=1, show_default=True,
                  help="--structured: units every layer keeps."),
+    click.option("--norm-weighted/--unweighted", default=True, show_default=True,
+                 help="--structured with calibration: weight each row of a layer whose output reaches a "
+                      "LayerNorm/RMSNorm by 1/variance of the norm's input, so the re-fit minimises the error "
+                      "after the norm."),
 )
 _drift_options = _compose(
     click.option("--metric", type=click.Choice(["rel_l2", "cosine", "top1", "accuracy"]), default="rel_l2",
@@ -312,7 +316,8 @@ def prune(model, output, sparsity, scope, nonfinite, overwrite, fmt, optimize_fo
         validation = ValidationRequest(calibration=kw["calibration"], labels=kw["labels"], gates=gates,
                                        runtime=_runtime(kw), synthetic=_synthetic(kw), max_samples=kw["max_samples"],
                                        label_output=kw["label_output"], quiet=quiet)
-    structured = (StructuredOptions(unit=kw["structured"], norm=kw["norm"], min_units=kw["min_units"])
+    structured = (StructuredOptions(unit=kw["structured"], norm=kw["norm"], min_units=kw["min_units"],
+                                    norm_weighted=kw["norm_weighted"])
                   if kw["structured"] else None)
     criterion = kw["method"] or ("obs" if structured is not None and kw["calibration"] is not None else "magnitude")
     method = MethodOptions(method=criterion, calibration=kw["calibration"], holdout=kw["holdout"],

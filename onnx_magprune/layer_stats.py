@@ -14,7 +14,12 @@ extra graph output.  Batches are reduced on the fly to
   (the error of earlier, already pruned layers is corrected, not inherited),
 
 so memory is bounded by one batch plus the statistics, never by the size of
-the calibration set.  Layers that read the same tensor the same way (attention
+the calibration set.
+
+With ``StatsRequest.row_weights``, a layer whose output reaches a
+normalization over the last axis (:mod:`onnx_magprune.norm_sites`) has each
+row weighted by ``1 / (σ² + ε)`` of that norm's input in the current run,
+in every sum above: a re-fit then minimises the error after the norm.  Layers that read the same tensor the same way (attention
 Q/K/V) share one set of statistics.
 
 Padding: when the model has an integer input whose name ends in
@@ -37,6 +42,7 @@ import onnx
 
 from .calibration import CalibrationSet, effective_batch, model_inputs
 from .layer_view import LinearView
+from .norm_sites import NormSite, norm_sites
 from .progress import Progress
 from .stats_graph import Stream, residual_inputs, settled, stats_proto, weight_dependencies
 from .runtime import RuntimeFailure, _first_line
@@ -54,6 +60,7 @@ class LayerStats:
     cross: np.ndarray | None = None  # X^T X_ref: current rows against the reference model's rows
     residual: np.ndarray | None = None  # X^T (R_ref - R): rows against the residual stream's error [in, out]
     residual_of: str | None = None  # the residual stream R
+    row_weights_of: str | None = None  # the norm input whose 1/(σ²+ε) weighted each row
 
 
 @dataclass
@@ -64,6 +71,7 @@ class StatsRequest:
     hessian: bool
     reference: bool = False  # also collect ``cross`` against the reference weights
     residuals: Mapping[str, Stream] = field(default_factory=dict)  # weight -> the residual stream it adds into
+    row_weights: bool = False  # weight rows by the 1/(σ²+ε) of the normalization the layer's output reaches
 
 
 def stats_key(view: LinearView) -> tuple:
@@ -81,6 +89,8 @@ class _Acc:
     h: np.ndarray | None = None
     c: np.ndarray | None = None
     last_rows: np.ndarray | None = field(default=None, repr=False)
+    last_scale: np.ndarray | None = field(default=None, repr=False)
+    weighted_by: str | None = None  # the norm input whose row weights were applied to every batch
 
     def _rows(self, x: np.ndarray, keep: np.ndarray | None, what: str = "") -> np.ndarray:
         rows = self.view.rows(x)
@@ -92,13 +102,19 @@ class _Acc:
                                  f"on the calibration data{what}")
         return rows
 
-    def add(self, x: np.ndarray, row_mask: np.ndarray | None, x_ref: np.ndarray | None = None) -> None:
+    def add(self, x: np.ndarray, row_mask: np.ndarray | None, x_ref: np.ndarray | None = None,
+            scale: np.ndarray | None = None) -> None:
+        """``scale``: per-row square roots of the row weights (all rows, before the mask), or None."""
         keep = None
         if row_mask is not None:
             keep = row_mask.reshape(-1) != 0
             self.masked += int(keep.size - np.count_nonzero(keep))
         rows = self._rows(x, keep)
-        self.last_rows = rows  # this batch's rows, for a residual accumulator of the same layer
+        if scale is not None:
+            scale = (scale[keep] if keep is not None else scale)[:, None]
+            rows = rows * scale
+        self.last_scale = scale
+        self.last_rows = rows  # this batch's (weighted) rows, for a residual accumulator of the same layer
         self.rows += rows.shape[0]
         sq = np.einsum("ij,ij->j", rows, rows)
         self.col_sq = sq if self.col_sq is None else self.col_sq + sq
@@ -106,7 +122,8 @@ class _Acc:
             h = rows.T @ rows
             self.h = h if self.h is None else self.h + h
         if self.reference:
-            c = rows.T @ self._rows(x_ref, keep, " (in the dense model's run)")
+            ref = self._rows(x_ref, keep, " (in the dense model's run)")
+            c = rows.T @ (ref * scale if scale is not None else ref)
             self.c = c if self.c is None else self.c + c
 
     def result(self, width: int) -> LayerStats:
@@ -145,6 +162,8 @@ class _ResidualAcc:
         diff = (r_ref.astype(np.float64) - r.astype(np.float64)).reshape(-1, r.shape[-1])
         if keep is not None:
             diff = diff[keep]
+        if self.acc.last_scale is not None:
+            diff = diff * self.acc.last_scale
         d = rows.T @ diff
         self.d = d if self.d is None else self.d + d
 
@@ -177,8 +196,10 @@ class StatsModel:
         # the weights as given (not copied: fed arrays are replaced by set_weight, never changed in place)
         self.reference = dict(self.weights)
         self._residuals = residual_inputs(self.model, self.views)
+        self._norms = norm_sites(self.model, self.views)
         self.proto = stats_proto(self.model, list(self.weights), self.views.values(),
-                                 extra_outputs=sorted({n for s in self._residuals.values() for n in s}))
+                                 extra_outputs=sorted({n for s in self._residuals.values() for n in s}
+                                                      | {site.tensor for site in self._norms.values()}))
         specs = model_inputs(self.model)
         self.batch_size = effective_batch(self.batch_size, specs)
         self._mask_input = next((s.name for s in specs if s.name.endswith("attention_mask")
@@ -271,6 +292,20 @@ class StatsModel:
         names = set(names)
         return {k: r for k, r in settled(self._residuals, self._residual_deps, finished).items() if k in names}
 
+    def _row_weight_sites(self, request: StatsRequest, accs: Mapping[tuple, "_Acc"]) -> dict[tuple, NormSite]:
+        """Per statistics key, the norm its layers' outputs reach, when every weight sharing the key
+        reaches the same one (Q/K/V share an input but reach no norm: unweighted)."""
+        sites: dict[tuple, set] = {}
+        for name, view in request.views.items():
+            sites.setdefault(stats_key(view), set()).add(self._norms.get(name))
+        found = {}
+        for key, s in sites.items():
+            site = next(iter(s))
+            if len(s) == 1 and site is not None:
+                found[key] = site
+                accs[key].weighted_by = site.tensor
+        return found
+
     def changed(self) -> bool:
         """Whether any fed weight differs from its reference (the weights as given)."""
         return any(not np.array_equal(self.weights[k], self.reference[k]) for k in self.weights)
@@ -287,8 +322,10 @@ class StatsModel:
         res_accs = {name: _ResidualAcc(accs[stats_key(request.views[name])], r,
                                        self._matrix_shape(name, request.views[name])[0])
                     for name, r in request.residuals.items() if request.reference and name in request.views}
+        norms = self._row_weight_sites(request, accs) if request.row_weights else {}
         fetch = sorted({k[0] for k in accs if k[0] not in inputs}
-                       | {n for r in res_accs.values() for n in r.stream} - inputs)
+                       | ({n for r in res_accs.values() for n in r.stream}
+                          | {site.tensor for site in norms.values()}) - inputs)
         sess = self.session()
         total = self.calibration.count_batches(self.batch_size)
         with Progress(label, total, enabled=False if quiet else None) as bar:
@@ -315,8 +352,14 @@ class StatsModel:
                 for key, acc in accs.items():
                     x = outs[key[0]]
                     lead = acc.view.leading_shape(x)
+                    scale = None
+                    if key in norms:
+                        scale = _row_scale(outs[norms[key].tensor], norms[key], acc.view.rows(x).shape[0])
+                        if scale is None:  # the norm's rows are not the layer's rows: unweighted, for good
+                            del norms[key]
+                            acc.weighted_by = None
                     acc.add(x, mask if mask is not None and lead == tuple(mask.shape) else None,
-                            refs[key[0]] if refs is not None else None)
+                            refs[key[0]] if refs is not None else None, scale)
                 for racc in res_accs.values():
                     x = outs[racc.acc.view.input_name]
                     lead = racc.acc.view.leading_shape(x)
@@ -331,7 +374,22 @@ class StatsModel:
                 width = self._matrix_shape(name, view)[1]
                 done[key] = accs[key].result(width)
             result[name] = done[key]
+            if accs[key].weighted_by is not None:
+                result[name] = replace(result[name], row_weights_of=accs[key].weighted_by)
             racc = res_accs.get(name)
             if racc is not None and racc.valid and racc.d is not None:
                 result[name] = replace(done[key], residual=racc.d, residual_of=racc.name)
         return result
+
+
+def _row_scale(z: np.ndarray, site: NormSite, n_rows: int) -> np.ndarray | None:
+    """``sqrt(1 / (σ² + ε))`` per row of the norm input ``z`` (mean square for RMS norms), or None
+    when ``z``'s rows are not ``n_rows`` rows (broadcast or reshaped otherwise)."""
+    if not z.ndim or z.size == 0 or z.size // z.shape[-1] != n_rows:
+        return None
+    rows = np.asarray(z, dtype=np.float64).reshape(n_rows, -1)
+    spread = rows.var(axis=1) if site.centered else np.mean(rows * rows, axis=1)
+    spread = spread + site.epsilon
+    # a (nearly) constant row would take all the weight (BERT's ε is 1e-12): at most 1e4 x the median's
+    floor = max(1e-4 * float(np.median(spread)), np.finfo(np.float64).tiny)
+    return 1.0 / np.sqrt(np.maximum(spread, floor))

@@ -7,6 +7,9 @@ of the single-layer drifts predicts the drift of removing all six within a
 few percent).  Each curve is replaced by its lower convex hull through
 ``(0, 0)``; the budget then goes, exactly, to the cheapest hull segments
 first (optimal for piecewise-linear convex costs), a group's floor first.
+Units past a group's last measured point are taken only when the measured
+segments of every group cannot meet the budget (the curves are convex, so
+a straight extrapolation would underestimate them), cheapest last slope first.
 """
 
 from __future__ import annotations
@@ -37,19 +40,20 @@ def allocate(curves: Sequence[tuple[Sequence[int], Sequence[float]]], total: int
              caps: Sequence[int]) -> list[int]:
     """Units per group summing to ``total`` (clamped to what floors and caps allow)."""
     counts = [int(f) for f in floors]
-    segments = []  # (slope, group, start, stop)
+    segments = []  # (unmeasured, slope, group, start, stop)
     for g, (ks, ds) in enumerate(curves):
         hull = lower_hull([k for k in ks if k <= caps[g]], [d for k, d in zip(ks, ds) if k <= caps[g]])
-        if hull[-1][0] < caps[g]:  # beyond the last measured point: continue at the last slope
+        measured = len(hull)
+        if hull[-1][0] < caps[g]:  # beyond the last measured point: only when needed, at the last slope
             (k1, d1), (k2, d2) = (hull[-2], hull[-1]) if len(hull) > 1 else ((0, 0.0), (1, 1.0))
             slope = (d2 - d1) / max(1, k2 - k1)
             hull.append((caps[g], d2 + slope * (caps[g] - k2)))
-        for (k1, d1), (k2, d2) in zip(hull, hull[1:]):
+        for i, ((k1, d1), (k2, d2)) in enumerate(zip(hull, hull[1:])):
             lo, hi = max(k1, floors[g]), min(k2, caps[g])
             if hi > lo:
-                segments.append(((d2 - d1) / (k2 - k1), g, lo, hi))
+                segments.append((i + 1 >= measured, (d2 - d1) / (k2 - k1), g, lo, hi))
     left = total - sum(counts)
-    for _slope, g, lo, hi in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
+    for _unmeasured, _slope, g, lo, hi in sorted(segments):
         if left <= 0:
             break
         take = min(hi - lo, left)

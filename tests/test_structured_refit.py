@@ -164,6 +164,11 @@ def test_allocation_fills_the_cheapest_hull_segments_exactly():
     assert allocate([flat, steep], 5, [0, 3], [4, 4]) == [2, 3]  # floors first
     assert allocate([flat, steep], 20, [0, 0], [4, 3]) == [4, 3]  # caps hold
     assert allocate([steep, steep], 3, [0, 0], [4, 4]) == [3, 0]  # ties: the earlier group first
+    # past the last measured point only when the measured segments run out: flat is measured to 4 units
+    # only, so its straight extension (0.05 per unit) comes after steep's measured 0.5 per unit ...
+    assert allocate([flat, steep], 7, [0, 0], [8, 4]) == [4, 3]
+    # ... and is used, cheapest first, once nothing measured is left
+    assert allocate([flat, steep], 10, [0, 0], [8, 4]) == [6, 4]
 
 
 def test_global_scope_with_calibration_allocates_by_measured_drift():
@@ -174,5 +179,7 @@ def test_global_scope_with_calibration_allocates_by_measured_drift():
     groups = rep.structured["groups"]
     assert sum(g["units_before"] - g["units_after"] for g in groups) == 20  # round(0.5 * 40), exactly
     for g in groups:
-        assert g["drift_curve"]["removed"] == [round(f * g["units_before"] + 1e-9) for f in (0.25, 0.5, 0.75)]
+        # measured at 0.5x, 1x, 1.5x and 2x the target fraction, up to the cap (min_units 1 kept)
+        units = g["units_before"]
+        assert g["drift_curve"]["removed"] == [round(f * units + 1e-9) for f in (0.25, 0.5, 0.75)] + [units - 1]
         assert all(d >= 0 for d in g["drift_curve"]["drift"])
