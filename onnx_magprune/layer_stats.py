@@ -91,6 +91,7 @@ class _Acc:
     last_rows: np.ndarray | None = field(default=None, repr=False)
     last_scale: np.ndarray | None = field(default=None, repr=False)
     weighted_by: str | None = None  # the norm input whose row weights were applied to every batch
+    out_width: int = 0  # the layer's output width (the norm input's last dimension), when weighted
 
     def _rows(self, x: np.ndarray, keep: np.ndarray | None, what: str = "") -> np.ndarray:
         rows = self.view.rows(x)
@@ -186,6 +187,9 @@ class StatsModel:
     trimmed: bool | None = None  # None: not tried yet; False: off for good; True: cut for the names checked
     _residuals: dict[str, Stream] = field(default_factory=dict, repr=False)  # set in __post_init__
     _residual_deps: dict[str, set[str]] | None = field(default=None, repr=False)  # on first use
+    # weights whose rows StatsRequest.row_weights may weight (the norm inputs become extra outputs
+    # only for these, so other methods' statistics models stay exactly as they were)
+    weighted: frozenset[str] = frozenset()
 
     def _matrix_shape(self, name: str, view: LinearView) -> tuple[int, int]:
         """[out, in] of a viewed weight (fed, or not fed: quantized weights keep their stored form)."""
@@ -196,7 +200,8 @@ class StatsModel:
         # the weights as given (not copied: fed arrays are replaced by set_weight, never changed in place)
         self.reference = dict(self.weights)
         self._residuals = residual_inputs(self.model, self.views)
-        self._norms = norm_sites(self.model, self.views)
+        self._norms = ({n: site for n, site in norm_sites(self.model, self.views).items() if n in self.weighted}
+                       if self.weighted else {})
         self.proto = stats_proto(self.model, list(self.weights), self.views.values(),
                                  extra_outputs=sorted({n for s in self._residuals.values() for n in s}
                                                       | {site.tensor for site in self._norms.values()}))
@@ -304,7 +309,29 @@ class StatsModel:
             if len(s) == 1 and site is not None:
                 found[key] = site
                 accs[key].weighted_by = site.tensor
+                name = next(n for n, v in request.views.items() if stats_key(v) == key)
+                accs[key].out_width = self._matrix_shape(name, request.views[name])[0]
         return found
+
+    def _row_scale(self, z: np.ndarray, site: NormSite, acc: "_Acc", lead: tuple, keep_mask) -> np.ndarray | None:
+        """``sqrt(1 / (σ² + ε))`` per row of the norm input ``z`` (mean square for RMS norms), or None
+        when ``z``'s rows are not the layer's rows (broadcast or reshaped otherwise) on the first batch;
+        a later batch that does not match would leave the sums part weighted, so it is an error."""
+        n_rows, width = int(np.prod(lead)) if lead else 1, acc.out_width
+        if not z.ndim or z.shape[-1] != width or z.size != n_rows * width:
+            if acc.rows:
+                raise RuntimeFailure(f"the rows of '{site.tensor}' stopped matching the rows of the layers reading "
+                                     f"'{acc.view.input_name}' after the first batch: cannot weight them")
+            acc.weighted_by = None
+            return None
+        rows = np.asarray(z, dtype=np.float64).reshape(n_rows, width)
+        if not np.isfinite(rows).all():
+            raise RuntimeFailure(f"the normalization input '{site.tensor}' holds NaN/Inf on the calibration data")
+        spread = (rows.var(axis=1) if site.centered else np.mean(rows * rows, axis=1)) + site.epsilon
+        real = spread[keep_mask.reshape(-1) != 0] if keep_mask is not None else spread
+        # a (nearly) constant row would take all the weight (BERT's ε is 1e-12): at most 1e4 x the median's
+        floor = max(1e-4 * float(np.median(real)) if real.size else 0.0, np.finfo(np.float64).tiny)
+        return 1.0 / np.sqrt(np.maximum(spread, floor))
 
     def changed(self) -> bool:
         """Whether any fed weight differs from its reference (the weights as given)."""
@@ -352,14 +379,13 @@ class StatsModel:
                 for key, acc in accs.items():
                     x = outs[key[0]]
                     lead = acc.view.leading_shape(x)
+                    row_mask = mask if mask is not None and lead == tuple(mask.shape) else None
                     scale = None
                     if key in norms:
-                        scale = _row_scale(outs[norms[key].tensor], norms[key], acc.view.rows(x).shape[0])
-                        if scale is None:  # the norm's rows are not the layer's rows: unweighted, for good
+                        scale = self._row_scale(outs[norms[key].tensor], norms[key], acc, lead, row_mask)
+                        if scale is None:  # the norm's rows are not the layer's rows: unweighted
                             del norms[key]
-                            acc.weighted_by = None
-                    acc.add(x, mask if mask is not None and lead == tuple(mask.shape) else None,
-                            refs[key[0]] if refs is not None else None, scale)
+                    acc.add(x, row_mask, refs[key[0]] if refs is not None else None, scale)
                 for racc in res_accs.values():
                     x = outs[racc.acc.view.input_name]
                     lead = racc.acc.view.leading_shape(x)
@@ -378,18 +404,6 @@ class StatsModel:
                 result[name] = replace(result[name], row_weights_of=accs[key].weighted_by)
             racc = res_accs.get(name)
             if racc is not None and racc.valid and racc.d is not None:
-                result[name] = replace(done[key], residual=racc.d, residual_of=racc.name)
+                result[name] = replace(result[name], residual=racc.d, residual_of=racc.name)
         return result
 
-
-def _row_scale(z: np.ndarray, site: NormSite, n_rows: int) -> np.ndarray | None:
-    """``sqrt(1 / (σ² + ε))`` per row of the norm input ``z`` (mean square for RMS norms), or None
-    when ``z``'s rows are not ``n_rows`` rows (broadcast or reshaped otherwise)."""
-    if not z.ndim or z.size == 0 or z.size // z.shape[-1] != n_rows:
-        return None
-    rows = np.asarray(z, dtype=np.float64).reshape(n_rows, -1)
-    spread = rows.var(axis=1) if site.centered else np.mean(rows * rows, axis=1)
-    spread = spread + site.epsilon
-    # a (nearly) constant row would take all the weight (BERT's ε is 1e-12): at most 1e4 x the median's
-    floor = max(1e-4 * float(np.median(spread)), np.finfo(np.float64).tiny)
-    return 1.0 / np.sqrt(np.maximum(spread, floor))

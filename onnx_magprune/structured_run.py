@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .layer_stats import LayerStats, StatsModel, StatsRequest
 from .stats_graph import topological_stages
 from .layer_view import ConvGeometry, LinearView
+from .norm_sites import norm_sites
 from .methods import Method, MethodOptions
 from .obs import dense_target
 from .report import PruneReport, Totals
@@ -69,6 +70,8 @@ class StructuredOptions:
             raise ConfigError(f"structured unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         if self.norm not in ("l1", "l2"):
             raise ConfigError(f"norm must be 'l1' or 'l2', got {self.norm!r}")
+        if not isinstance(self.norm_weighted, bool):
+            raise ConfigError(f"norm_weighted must be true or false, got {self.norm_weighted!r}")
         if isinstance(self.min_units, bool) or not isinstance(self.min_units, int) or self.min_units < 1:
             raise ConfigError(f"min_units must be an integer >= 1, got {self.min_units!r}")
 
@@ -301,7 +304,8 @@ class StructuredRun:
         m = self.method
         first = {gr.group.consumers[0].weight: gr for gr in self.groups}
         self.stats_model = StatsModel(self.proto, dict(fed), {w: self._views[w] for w in first},
-                                      statistics, batch_size=m.batch_size, threads=m.threads)
+                                      statistics, batch_size=m.batch_size, threads=m.threads,
+                                      weighted=self._weighted() if self.opts.norm_weighted else frozenset())
         self._finished: set[str] = set()  # consumer weights and biases fitted in earlier stages
         if self.pool:
             self._allocate()
@@ -325,6 +329,14 @@ class StructuredRun:
         self.stats_info = {"passes": self.passes, "stages": len(order),
                            "sessions": self.stats_model.sessions_created,
                            "padding_mask_input": self.stats_model.mask_input}
+
+    def _weighted(self) -> frozenset[str]:
+        """First consumers of the groups whose consumers all reach one and the same norm: the
+        statistics come from the first consumer and re-fit them all, so all must share the weights."""
+        sites = norm_sites(self.proto, self._views)
+        return frozenset(gr.group.consumers[0].weight for gr in self.groups
+                         if len({sites.get(c.weight) for c in gr.group.consumers}) == 1
+                         and sites.get(gr.group.consumers[0].weight) is not None)
 
     def _collect(self, groups: list[_Group], label: str) -> dict[str, LayerStats]:
         views = {gr.group.consumers[0].weight: self._views[gr.group.consumers[0].weight] for gr in groups}

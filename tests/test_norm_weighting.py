@@ -88,7 +88,8 @@ def test_the_statistics_weight_each_row_by_the_inverse_variance_of_the_norm_inpu
     views = _views(model, ("W2",))
     fed = {"W2": tensor_by_name(model, "W2")}
     x = _inputs()
-    sm = StatsModel(model, fed, views, open_calibration([{"x": x[:32]}, {"x": x[32:]}], model))
+    sm = StatsModel(model, fed, views, open_calibration([{"x": x[:32]}, {"x": x[32:]}], model),
+                    weighted=frozenset({"W2"}))
     got = sm.collect(StatsRequest(views, hessian=True, row_weights=True))["W2"]
     plain = sm.collect(StatsRequest(views, hessian=True))["W2"]
     t = {n: tensor_by_name(model, n).astype(np.float64) for n in ("W1", "b1", "W2", "b2")}
@@ -142,3 +143,52 @@ def test_cli_norm_weighting_flag_reaches_the_report(tmp_path, flag, weighted):
     s = json.loads(r.output)["structured"]
     assert s["norm_weighted"] is (weighted is not None)
     assert {g["producer"]: g["rows_weighted_by"] for g in s["groups"]} == {"W1": weighted}
+
+
+def _two_consumers():
+    """W1's neurons feed W2 (then + x, LayerNorm) and W3 (a graph output): only W2 reaches the norm."""
+    model = _block()
+    model.graph.initializer.append(numpy_helper.from_array(weight((16, 4), 9), "W3"))
+    model.graph.node.append(helper.make_node("MatMul", ["h", "W3"], ["z"]))
+    model.graph.output.append(vi("z", ["N", 4]))
+    return model
+
+
+def test_a_group_whose_consumers_reach_different_places_is_not_weighted():
+    x = _inputs(128)
+    _, rep = prune_model(_two_consumers(), 0.5, structured=StructuredOptions(), min_numel=1,
+                         method=MethodOptions(method="obs", calibration=[{"x": x}], holdout=0.0))
+    (group,) = rep.structured["groups"]
+    assert group["consumers"] == ["W2", "W3"] and group["units_after"] == 8
+    assert group["rows_weighted_by"] is None  # W3's re-fit must not be weighted by W2's norm
+
+
+def _two_blocks():
+    """Two post-norm feed-forward blocks in a row (the second reads the first's normalised output)."""
+    first = _block()
+    inits = [numpy_helper.from_array(weight(shape, seed), name) for name, shape, seed in
+             (("V1", (8, 16), 11), ("c1", (16,), 12), ("V2", (16, 8), 13), ("c2", (8,), 14))]
+    nodes = [helper.make_node("MatMul", ["y", "V1"], ["k0"]), helper.make_node("Add", ["k0", "c1"], ["k1"]),
+             helper.make_node("Relu", ["k1"], ["k"]), helper.make_node("MatMul", ["k", "V2"], ["e0"]),
+             helper.make_node("Add", ["e0", "c2"], ["e"]), helper.make_node("Add", ["y", "e"], ["s2"]),
+             helper.make_node("LayerNormalization", ["s2", "g", "be"], ["y2"], axis=-1, epsilon=EPS)]
+    graph = first.graph
+    return make_model([*graph.node, *nodes], [vi("x", ["N", 8])], [vi("y2", ["N", 8])],
+                      [*graph.initializer, *inits])
+
+
+def test_row_weights_survive_a_residual_match_and_stay_out_of_other_statistics_models():
+    x = _inputs(128)
+    opts = MethodOptions(method="obs", calibration=[{"x": x[:64]}, {"x": x[64:]}], holdout=0.0, match_dense=True)
+    _, rep = prune_model(_two_blocks(), 0.5, "local", structured=StructuredOptions(), min_numel=1, method=opts)
+    groups = {g["producer"]: g for g in rep.structured["groups"]}
+    assert groups["W1"]["rows_weighted_by"] == "s"
+    assert groups["V1"]["rows_weighted_by"] == "s2" and groups["V1"]["matched_dense"] is True
+    # only the weights listed in ``weighted`` get their norm input as an extra output
+    model = _two_blocks()
+    views = _views(model, ("W2", "V2"))
+    fed = {n: tensor_by_name(model, n) for n in views}
+    calib = open_calibration([{"x": x}], model)
+    outputs = lambda sm: {o.name for o in sm.proto.graph.output}  # noqa: E731
+    assert not {"s", "s2"} & outputs(StatsModel(model, fed, views, calib))
+    assert {"s", "s2"} & outputs(StatsModel(model, fed, views, calib, weighted=frozenset({"V2"}))) == {"s2"}
