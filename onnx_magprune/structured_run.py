@@ -49,8 +49,11 @@ from .structured_select import global_counts, local_counts, norm_scores, smalles
 # global scope with calibration: each group is measured alone at these multiples of the target fraction
 # (up to its cap), so the curves reach well past the target: MiniLM's drift curves are convex, and an
 # allocation beyond the last measured point once removed 1535 of a layer's 1536 units on a straight line
-ALLOCATION_LEVELS = (0.5, 1.0, 1.5, 2.0)
+# (eight points, not four: on MiniLM at 50% the finer curves gave 0.9374 vs 0.9340 held-out token cosine;
+# sixteen gave no more and took twice as long)
+ALLOCATION_LEVELS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 ALLOCATION_HOLDOUT = 0.3  # ... fitted on the first 70% of the statistics samples, measured on the rest
+SELECTION_DAMP = 0.1  # structured OBS selects units with this share of the re-fit's dampening
 UNITS = ("neurons", "channels")  # the same thing: output units of MatMul/Gemm, output channels of Conv
 
 
@@ -431,7 +434,10 @@ class StructuredRun:
             residual = st.residual if st.residual is not None and st.residual.shape == w.shape else None
             w = dense_target(w.T, h, st.cross, damp, residual).T
         if self.criterion == "obs":
-            removed, new = obs_remove(h, w, cols, count, damp)
+            # select with a tenth of the dampening (a sharper H⁻¹ ranks units better), fit with all of it
+            # (the ridge generalises better): MiniLM 50% held-out token cosine 0.9330 vs 0.9314 (local)
+            removed, _ = obs_remove(h, w, cols, count, damp * SELECTION_DAMP)
+            new = lsq_refit(h, w, cols, removed, damp)
         else:
             if self.criterion == "activation":
                 scores = activation_scores(st.col_sq, w, cols)

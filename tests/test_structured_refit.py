@@ -179,7 +179,8 @@ def test_global_scope_with_calibration_allocates_by_measured_drift():
     groups = rep.structured["groups"]
     assert sum(g["units_before"] - g["units_after"] for g in groups) == 20  # round(0.5 * 40), exactly
     for g in groups:
-        # measured at 0.5x, 1x, 1.5x and 2x the target fraction, up to the cap (min_units 1 kept)
+        # measured at 0.25x, 0.5x, ... 2x the target fraction, up to the cap (min_units 1 kept)
         units = g["units_before"]
-        assert g["drift_curve"]["removed"] == [round(f * units + 1e-9) for f in (0.25, 0.5, 0.75)] + [units - 1]
+        want = sorted({min(units - 1, round(m * 0.5 * units + 1e-9)) for m in (0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2)})
+        assert g["drift_curve"]["removed"] == want and want[-1] == units - 1 and len(want) == 8
         assert all(d >= 0 for d in g["drift_curve"]["drift"])
