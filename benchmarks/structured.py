@@ -93,6 +93,9 @@ def ab_latency(dense: Path, pruned: Path, feeds: dict, n_threads: int, rounds: i
     ratio = d / p
     return {"speedup_median": float(np.median(ratio)), "speedup_p10": float(np.percentile(ratio, 10)),
             "speedup_p90": float(np.percentile(ratio, 90)), "dense_ms_p50": float(np.median(d) * 1e3),
+            # the fastest run of each: the least disturbed by other jobs on a shared machine
+            "speedup_of_fastest": float(d.min() / p.min()), "dense_ms_min": float(d.min() * 1e3),
+            "pruned_ms_min": float(p.min() * 1e3),
             "pruned_ms_p50": float(np.median(p) * 1e3), "rounds": rounds}
 
 
@@ -263,7 +266,8 @@ def readme_section(result: dict) -> str:
             for t in result.get("targets", []):
                 lines += ["", f"Target (50% removed, OBS + re-fit, {t['scope']} scope): speedup at batch 8 >= "
                               f"{TARGET['speedup_batch8']}x and token cosine >= {TARGET['cosine']}: measured "
-                              f"{t['speedup_batch8']:.2f}x and {t['cosine']:.4f}: "
+                              f"{t['speedup_batch8']:.2f}x (fastest run against fastest run: "
+                              f"{t['speedup_batch8_fastest']:.2f}x) and {t['cosine']:.4f}: "
                               f"**{'met' if t['met'] else 'not met'}** (speed {'met' if t['speed_met'] else 'not met'}"
                               f", drift {'met' if t['cosine_met'] else 'not met'})."]
             lines.append("")
@@ -316,6 +320,7 @@ def main(argv=None) -> int:
                         speed, cos = row["latency"]["8"]["speedup_median"], row["real_token_cosine"]
                         result["targets"].append({
                             **TARGET, "scope": row["scope"], "speedup_batch8": speed, "cosine": cos,
+                            "speedup_batch8_fastest": row["latency"]["8"]["speedup_of_fastest"],
                             "speed_met": speed >= TARGET["speedup_batch8"], "cosine_met": cos >= TARGET["cosine"],
                             "met": speed >= TARGET["speedup_batch8"] and cos >= TARGET["cosine"]})
             else:
