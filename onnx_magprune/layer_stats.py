@@ -16,11 +16,13 @@ extra graph output.  Batches are reduced on the fly to
 so memory is bounded by one batch plus the statistics, never by the size of
 the calibration set.
 
+Layers that read the same tensor the same way (attention Q/K/V) share one
+set of statistics.
+
 With ``StatsRequest.row_weights``, a layer whose output reaches a
 normalization over the last axis (:mod:`onnx_magprune.norm_sites`) has each
 row weighted by ``1 / (σ² + ε)`` of that norm's input in the current run,
-in every sum above: a re-fit then minimises the error after the norm.  Layers that read the same tensor the same way (attention
-Q/K/V) share one set of statistics.
+in every sum above: a re-fit then minimises the error after the norm.
 
 Padding: when the model has an integer input whose name ends in
 ``attention_mask`` and an activation's leading shape equals that mask's
@@ -406,4 +408,3 @@ class StatsModel:
             if racc is not None and racc.valid and racc.d is not None:
                 result[name] = replace(result[name], residual=racc.d, residual_of=racc.name)
         return result
-
