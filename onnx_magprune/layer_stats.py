@@ -303,16 +303,17 @@ class StatsModel:
         """Per statistics key, the norm its layers' outputs reach, when every weight sharing the key
         reaches the same one (Q/K/V share an input but reach no norm: unweighted)."""
         sites: dict[tuple, set] = {}
+        named: dict[tuple, str] = {}  # a weight of each key, for the layer's output width
         for name, view in request.views.items():
             sites.setdefault(stats_key(view), set()).add(self._norms.get(name))
+            named.setdefault(stats_key(view), name)
         found = {}
         for key, s in sites.items():
             site = next(iter(s))
             if len(s) == 1 and site is not None:
                 found[key] = site
                 accs[key].weighted_by = site.tensor
-                name = next(n for n, v in request.views.items() if stats_key(v) == key)
-                accs[key].out_width = self._matrix_shape(name, request.views[name])[0]
+                accs[key].out_width = self._matrix_shape(named[key], request.views[named[key]])[0]
         return found
 
     def _row_scale(self, z: np.ndarray, site: NormSite, acc: "_Acc", lead: tuple, keep_mask) -> np.ndarray | None:
