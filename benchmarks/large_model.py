@@ -131,7 +131,7 @@ def main() -> int:
         run_cli(["prune", str(model), "-o", str(again), "--sparsity", str(args.sparsity), "-q"])
         first = work / "out-global" / "pruned.onnx"
         deterministic = all(sha256(a) == sha256(b) for a, b in (
-            (first, again), (first.parent / "weights.bin", again.parent / "weights.bin")))
+            (first, again), (first.parent / "pruned.onnx.weights.bin", again.parent / "pruned.onnx.weights.bin")))
         result = {
             "benchmark": "large_model", "machine": machine(), "n_params": n, "weight_bytes": n * 4,
             "tensors": len(layout), "largest_tensor_bytes": largest, "skeleton_bytes": skeleton,

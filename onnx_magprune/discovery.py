@@ -203,6 +203,8 @@ def _static_reason(value: Value, min_numel: int, include_overridable: bool) -> s
             return _QUANT_CANDIDATE
         if tensor.data_type in _INTEGER_TYPES and len(tensor.dims) >= 2 and n >= min_numel:
             return f"integer tensor ({kind}) is not a quantization type this tool prunes"
+        if tensor.data_type in QUANT_TYPES and len(tensor.dims) >= 2 and 0 < n < min_numel:
+            return f"too small: {n} elements, below min_numel {min_numel}"  # a quantized weight, but tiny
         return f"{kind} tensor, not floating point"
     if len(tensor.dims) <= 1:
         return "scalar" if not tensor.dims else "1-D tensor (bias, scale or norm parameter)"
@@ -275,7 +277,8 @@ def _trace_quantized(value: Value, index: GraphIndex) -> tuple[list[Use], QuantR
             weight_uses.append(use)
         elif use.op in _UNSCALED:
             return [], None, (f"{kind} weight of {use.op[1]}: without a scale its magnitude is not comparable "
-                              "with other weights, so it is not pruned")
+                              f"with other weights, so it is not pruned ({use.op[1]} reads no scale; where one "
+                              "is applied to its output later, it is not traced)")
         elif use.op == ("com.microsoft", "MatMulNBits"):
             return [], None, "MatMulNBits packed low-bit blocks are not pruned"
         else:

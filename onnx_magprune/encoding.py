@@ -126,6 +126,7 @@ def choose(fmt: Format, n: int, nnz: int, itemsize: int) -> Format:
     return Format.SPARSE if sizes[Format.SPARSE] < sizes[Format.DENSE] else Format.DENSE
 
 
+SPARSE_MIN_OPSET = 11  # a Constant's sparse_value attribute
 #: format -> index type of its SparseTensorProto
 _INDEX_TYPE: dict[Format, int] = {Format.SPARSE: TensorProto.INT64, Format.SPARSE_INT32: TensorProto.INT32}
 
@@ -135,13 +136,17 @@ def _graph_holding(model: onnx.ModelProto, tensor: TensorProto):
     return next((g for g in iter_graphs(model) if any(t is tensor for t in g.initializer)), None)
 
 
+def _opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 def _compact_blocker(model: onnx.ModelProto, tensor: TensorProto, in_function: bool) -> str | None:
     """Why ``tensor`` cannot be stored compact, or None."""
     if not isinstance(tensor.name, str):  # protobuf hands back a name that is not valid UTF-8 as bytes
         return "compact: the tensor's name is not valid UTF-8"
     if in_function:
         return "compact: weights inside local functions stay as they are (functions have no initializers)"
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    opset = _opset(model)
     if opset < compact_graph.MIN_OPSET:
         return f"compact: the model's opset {opset} is below {compact_graph.MIN_OPSET} (CumSum, Range)"
     if tensor.data_type == TensorProto.BFLOAT16 and opset < 13:
@@ -154,9 +159,12 @@ def _compact_blocker(model: onnx.ModelProto, tensor: TensorProto, in_function: b
 
 
 def _compact_candidate(model: onnx.ModelProto, tensor: TensorProto, array: np.ndarray, in_function: bool,
-                       objective: Objective, names: set[str]):
-    """``((code, decoder, overhead bytes), None)``, or ``(None, why compact cannot be used)``."""
+                       objective: Objective, names: set[str], value_name: str):
+    """``((code, decoder, overhead bytes), None)``, or ``(None, why compact cannot be used)``; the
+    decoder writes ``value_name`` (a Constant's output, whatever its tensor is called)."""
     note = _compact_blocker(model, tensor, in_function)
+    if note is None and not isinstance(value_name, str):
+        note = "compact: the weight's name is not valid UTF-8"
     if note is None and tensor.data_type == TensorProto.BFLOAT16 and np.isnan(array.astype(np.float32)).any():
         note = ("compact: bfloat16 decodes through float32, and ONNX Runtime's Cast back to bfloat16 "
                 "does not keep NaN payloads")
@@ -167,7 +175,7 @@ def _compact_candidate(model: onnx.ModelProto, tensor: TensorProto, array: np.nd
     if compact_graph.largest_intermediate(code) > compact_graph.FOLD_LIMIT_BYTES:
         return None, ("compact: a decoder intermediate would exceed ONNX Runtime's 1 GiB constant-folding "
                       "limit, so the decoder would run on every inference")
-    decoder = compact_graph.decoder(code, tensor.name, tensor.data_type, names)
+    decoder = compact_graph.decoder(code, value_name, tensor.data_type, names)
     return (code, decoder, _serialized(decoder, code)), None
 
 
@@ -221,10 +229,12 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
         nnz = int(_nonzero_positions(array).size)
         sizes = _sizes(n, nnz, item)
         bound = compact_code.bound_bytes(n, nnz, item)
-        dense = Encoded(tensor.name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound)
         graph, is_initializer, const_node, in_function = _site(model, tensor)
         if graph is None:  # pragma: no cover - every weight is an initializer or a Constant
             raise MagpruneError(f"cannot find where tensor '{tensor.name}' is stored")
+        # the graph knows a Constant's weight by the node's output (its tensor's own name may be empty)
+        name = const_node.output[0] if const_node is not None else tensor.name
+        dense = Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound)
         if is_initializer and (overridable(tensor.name) or any(i.name == tensor.name for i in graph.input)):
             out.append(dense)  # an overridable initializer must stay a plain initializer
             continue
@@ -232,22 +242,30 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
             out.append(dense)
             continue
         compact, note = None, None
+        sparse_ok = _opset(model) >= SPARSE_MIN_OPSET
         if fmt in (Format.COMPACT, Format.AUTO) and n > 0:
             if names is None:
                 names = _value_names(model)
-            compact, note = _compact_candidate(model, tensor, array, in_function, objective, names)
+            compact, note = _compact_candidate(model, tensor, array, in_function, objective, names, name)
         if fmt is Format.AUTO:
-            options = [(sizes[Format.DENSE], Format.DENSE), (sizes[Format.SPARSE], Format.SPARSE)]
+            options = [(sizes[Format.DENSE], Format.DENSE)] + ([(sizes[Format.SPARSE], Format.SPARSE)]
+                                                                if sparse_ok else [])
             if compact is not None:
                 options.append((compact[0].nbytes + compact[2], Format.COMPACT))
             chosen = min(options, key=lambda o: o[0])[1]  # ties: the earlier (simpler) format
             note = note if compact is None else None  # why compact was not even a candidate
         elif fmt is Format.COMPACT:
             chosen = Format.COMPACT if compact is not None else Format.DENSE
+        elif not sparse_ok:
+            chosen, note = Format.DENSE, (f"sparse: a Constant's sparse_value needs opset {SPARSE_MIN_OPSET}, "
+                                          f"the model has opset {_opset(model)}")
+        elif fmt is Format.SPARSE_INT32 and graph is not model.graph:
+            chosen, note = Format.DENSE, ("sparse-int32: ONNX Runtime checks the Constants of subgraphs and "
+                                          "rejects INT32 indices there")
         else:
             chosen = fmt
         if chosen is Format.DENSE:
-            out.append(Encoded(tensor.name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound,
+            out.append(Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound,
                                note=note))
             continue
         if chosen is Format.COMPACT:
@@ -255,12 +273,11 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
             _place(graph, tensor, const_node, decoder.nodes, decoder.initializers, heads)
             names.update(t.name for t in decoder.initializers)
             names.update(o for nd in decoder.nodes for o in nd.output)
-            out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], code.nbytes, bound, overhead,
+            out.append(Encoded(name, chosen.value, sizes[Format.DENSE], code.nbytes, bound, overhead,
                                _code_label(code)))
             continue
         sparse = to_sparse(tensor, array, _INDEX_TYPE[chosen])
         if const_node is None:
-            name = tensor.name
             graph.initializer.remove(tensor)  # other initializers keep their identity
             node = onnx.helper.make_node("Constant", [], [name], name=f"{name}_sparse", sparse_value=sparse)
             graph.node.insert(0, node)
@@ -268,7 +285,7 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
             attr = next(a for a in const_node.attribute if a.HasField("t") and a.t is tensor)
             const_node.attribute.remove(attr)
             const_node.attribute.append(onnx.helper.make_attribute("sparse_value", sparse))
-        out.append(Encoded(tensor.name, chosen.value, sizes[Format.DENSE], sizes[chosen], bound, note=note))
+        out.append(Encoded(name, chosen.value, sizes[Format.DENSE], sizes[chosen], bound, note=note))
     return out
 
 

@@ -186,7 +186,8 @@ def internalize_external_data(loaded: LoadedModel) -> None:
 
 
 def _plan_data_files(loaded: LoadedModel, output: Path, in_place: bool) -> dict[Path, str]:
-    """Source data file -> location to write it under, next to ``output``."""
+    """Source data file -> location to write it under, next to ``output``: ``<output name>.<location>``
+    (slashes flattened), so outputs sharing a directory never write each other's (or anyone's) data file."""
     sources: dict[Path, str] = {}
     for tensor in iter_all_tensors(loaded.proto):
         if uses_external_data(tensor):
@@ -199,11 +200,12 @@ def _plan_data_files(loaded: LoadedModel, output: Path, in_place: bool) -> dict[
     for src, location in sorted(sources.items()):
         target = location
         if not in_place:
-            n = 0
+            n = 1
+            flat = location.replace("/", "_").replace("\\", "_")
+            target = f"{output.name}.{flat}"
             while (out_dir / target).resolve() in sources or (out_dir / target).resolve() in taken:
                 n += 1
-                flat = location.replace("/", "_").replace("\\", "_")
-                target = f"{output.name}.{flat}" if n == 1 else f"{output.name}.{n}.{flat}"
+                target = f"{output.name}.{n}.{flat}"
         taken.add((out_dir / target).resolve())
         plan[src] = target
     return plan

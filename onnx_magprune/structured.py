@@ -486,7 +486,49 @@ def find_groups(model: onnx.ModelProto, index: GraphIndex | None = None, *,
         except _Stop as e:
             skipped.append(SkippedGroup(weight.name, node.op_type, int(units), str(e)))
     _check_overlaps(groups, skipped)
+    skipped += _unreached_layers(model, index)
     return groups, skipped
+
+
+_DECODING = ("Cast", "DequantizeLinear", "Transpose", "Reshape", "Identity")  # ops that compute a weight
+
+
+def _units(op: str, node: onnx.NodeProto, dims) -> int:
+    if len(dims) < 2:
+        return 0
+    if op == "Gemm":
+        return int(dims[0] if _attr(node, "transB", 0) else dims[1])
+    return int(dims[0] if op == "Conv" else dims[-1])
+
+
+def _unreached_layers(model: onnx.ModelProto, index: GraphIndex) -> list[SkippedGroup]:
+    """Layers the search does not take, so the report still says why: a weight computed from a
+    constant (Cast of a bfloat16 weight, DequantizeLinear, ...), and layers inside subgraphs."""
+    out: list[SkippedGroup] = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv") \
+                or _layer_weight(node, index)[0] is not None or len(node.input) < 2:
+            continue
+        v = index.input_value(node, 1)
+        src = v.node if v is not None and v.kind == "node_output" else None
+        if src is None or src.op_type not in _DECODING or not src.input:
+            continue
+        const = index.input_value(src, 0)
+        if const is None or const.kind not in ("initializer", "constant") or const.tensor is None:
+            continue
+        out.append(SkippedGroup(const.name, node.op_type, _units(node.op_type, node, const.tensor.dims),
+                                f"its weight reaches {node.op_type} '{_label(node)}' through {src.op_type} "
+                                f"'{_label(src)}': only weights the layer reads directly are cut"))
+    for v in index.values:
+        if v.graph == "main" or v.kind not in ("initializer", "constant") or v.tensor is None:
+            continue
+        for use in v.uses:
+            if use.node is not None and use.slot == 1 and use.node.op_type in ("MatMul", "Gemm", "Conv") \
+                    and use.node.domain in ("", "ai.onnx"):
+                out.append(SkippedGroup(v.name, use.node.op_type, _units(use.node.op_type, use.node, v.tensor.dims),
+                                        f"it is inside a subgraph ({v.graph}): only the top-level graph is searched"))
+                break
+    return out
 
 
 def _check_overlaps(groups: list[UnitGroup], skipped: list[SkippedGroup]) -> None:

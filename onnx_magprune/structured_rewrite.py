@@ -83,6 +83,14 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
         keep = [vi for vi in model.graph.value_info if vi.name not in stale]
         del model.graph.value_info[:]
         model.graph.value_info.extend(keep)
+        # an initializer that is also a graph input (--include-overridable) declares its shape there too
+        for vi in list(model.graph.input) + list(model.graph.value_info):
+            if vi.name in cuts and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                dims = protos[vi.name].dims
+                shape = vi.type.tensor_type.shape
+                del shape.dim[:]
+                for d in dims:
+                    shape.dim.add().dim_value = d
     return model
 
 

@@ -30,8 +30,8 @@ import onnx
 from onnx import numpy_helper
 
 from . import __version__
-from .config import PruneConfig, Scope
-from .errors import ConfigError
+from .config import NonFinite, PruneConfig, Scope
+from .errors import ConfigError, NonFiniteWeightError
 from .layer_stats import LayerStats, StatsModel, StatsRequest
 from .stats_graph import topological_stages
 from .layer_view import ConvGeometry, LinearView
@@ -207,6 +207,14 @@ class StructuredRun:
             return f"too small: its weight has {n} elements, below min_numel {self.cfg.min_numel}"
         if g.units <= self.opts.min_units:
             return f"it has {g.units} units, not more than min_units {self.opts.min_units}"
+        for name in g.tensors():
+            array = numpy_helper.to_array(protos[name])
+            bad = int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+            if bad and self.cfg.nonfinite is NonFinite.KEEP:
+                return f"'{name}' holds {bad} NaN/Inf value(s) (--nonfinite keep leaves its group as it is)"
+            if bad:
+                raise NonFiniteWeightError(f"weight '{name}' holds {bad} NaN/Inf value(s); fix the model, exclude "
+                                           "it, or pass --nonfinite keep to leave its group as it is")
         if rule is not None and rule.sparsity is not None:
             return _Group(g, "fixed", rule.sparsity, (0.0, 1.0))
         if self.cfg.sparsity is None:

@@ -18,7 +18,8 @@ DTYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.flo
 
 
 def model_with_weights(dtype, where: str, sparsity: float):
-    """x @ W with W (16x16) as an initializer, a Constant node, or an initializer captured by an If branch."""
+    """x @ W with W (16x16) as an initializer, a Constant node (its tensor named W, unnamed as most exporters
+    leave it, or named otherwise), an initializer captured by an If branch, or a Constant inside that branch."""
     elem = DTYPES[dtype]
     rng = np.random.default_rng(0)
     w = rng.standard_normal((16, 16)).astype(dtype)
@@ -28,12 +29,15 @@ def model_with_weights(dtype, where: str, sparsity: float):
     w.reshape(-1)[3] = -0.0 if sparsity >= 1.0 else w.reshape(-1)[3]  # a negative zero must round-trip
     x, y = helper.make_tensor_value_info("x", elem, [1, 16]), helper.make_tensor_value_info("y", elem, [1, 16])
     inits, nodes, inputs = [], [], [x]
-    if where == "constant":
-        nodes.append(helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w, "W")))
-    else:
+    tensor_name = {"constant_unnamed": "", "constant_renamed": "W_value"}.get(where, "W")
+    const = helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w, tensor_name))
+    if where.startswith("constant"):
+        nodes.append(const)
+    elif where in ("initializer", "subgraph"):
         inits.append(numpy_helper.from_array(w, "W"))
-    if where == "subgraph":
-        then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [],
+    if where.startswith("subgraph"):
+        inner = [const] if where == "subgraph_constant" else []
+        then = helper.make_graph(inner + [helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [],
                                  [helper.make_tensor_value_info("t", elem, [1, 16])])
         other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
                                   [helper.make_tensor_value_info("e", elem, [1, 16])])
@@ -54,17 +58,23 @@ def run(model, dtype):
 
 
 def weight_bits(model):
+    """The bytes of W after ``decode``: an initializer W, or the tensor of the Constant writing W."""
     decoded = onnx.ModelProto.FromString(model.SerializeToString())
     decode_model(decoded)
-    for t in decoded.graph.initializer:
-        if t.name == "W":
-            return numpy_helper.to_array(t).tobytes()
-    node = next(n for n in decoded.graph.node if n.op_type == "Constant")
-    return numpy_helper.to_array(node.attribute[0].t).tobytes()
+    graphs = [decoded.graph] + [a.g for n in decoded.graph.node for a in n.attribute if a.HasField("g")]
+    for g in graphs:
+        for t in g.initializer:
+            if t.name == "W":
+                return numpy_helper.to_array(t).tobytes()
+        for n in g.node:
+            if n.op_type == "Constant" and list(n.output) == ["W"]:
+                return numpy_helper.to_array(n.attribute[0].t).tobytes()
+    raise AssertionError("W not found after decode")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
-@pytest.mark.parametrize("where", ["initializer", "constant", "subgraph"])
+@pytest.mark.parametrize("where", ["initializer", "constant", "constant_unnamed", "constant_renamed", "subgraph",
+                                   "subgraph_constant"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
 def test_round_trips(dtype, where, sparsity):
     model, w = model_with_weights(dtype, where, sparsity)
@@ -72,6 +82,7 @@ def test_round_trips(dtype, where, sparsity):
     for fmt in ("sparse", "sparse-int32", "compact", "auto"):
         encoded, report = mp.prune_model(model, sparsity=0.0, format=fmt, min_numel=16)
         t = report.tensors[0]
+        assert t.name == "W"
         assert t.stored_bytes <= w.nbytes if fmt == "auto" else True
         assert np.array_equal(run(encoded, dtype).view(np.uint8), dense_out.view(np.uint8))  # bit-exact
         assert weight_bits(encoded) == w.tobytes()  # decode is bit-exact, -0.0 included
@@ -82,6 +93,25 @@ def test_round_trips(dtype, where, sparsity):
         assert t.format == "compact" if fmt == "compact" else True
         if t.format in expected:
             assert t.stored_bytes == expected[t.format]
+
+
+@pytest.mark.parametrize("fmt", ["sparse", "auto"])
+def test_sparse_needs_opset_11(fmt):
+    model, w = model_with_weights(np.float32, "initializer", 0.95)
+    model.opset_import[0].version = 9
+    encoded, report = mp.prune_model(model, sparsity=0.0, format=fmt, min_numel=16)
+    onnx.checker.check_model(encoded, full_check=True)  # sparse_value would be an unknown attribute at opset 9
+    assert report.tensors[0].format == "dense"
+    assert not any(n.op_type == "Constant" for n in encoded.graph.node)
+    if fmt == "sparse":
+        assert report.tensors[0].format_note == "sparse: a Constant's sparse_value needs opset 11, the model has opset 9"
+
+
+def test_sparse_int32_stays_dense_in_subgraphs():
+    model, w = model_with_weights(np.float32, "subgraph_constant", 0.95)
+    encoded, report = mp.prune_model(model, sparsity=0.0, format="sparse-int32", min_numel=16)
+    assert report.tensors[0].format == "dense" and "INT32 indices" in report.tensors[0].format_note
+    assert np.array_equal(run(encoded, np.float32), run(model, np.float32))
 
 
 def test_auto_picks_the_smaller_per_tensor():
@@ -128,9 +158,9 @@ def test_sparse_formats_with_external_data_write_a_fresh_data_file(tmp_path):
     assert (tmp_path / "w.bin").read_bytes() == before
     assert {t.format for t in report.tensors} == {"sparse"}
     # the sparse weights are inline now, and what is left (biases) is under the 1 KiB external threshold
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d.onnx", "s.onnx", "w.bin"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d.onnx", "d.onnx.w.bin", "s.onnx"]
     size = lambda *ps: sum(p.stat().st_size for p in ps)  # noqa: E731
-    assert size(sparse_out) < 0.4 * size(dense_out, tmp_path / "out" / "w.bin")
+    assert size(sparse_out) < 0.4 * size(dense_out, tmp_path / "out" / "d.onnx.w.bin")
     onnx.checker.check_model(str(sparse_out), full_check=True)
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

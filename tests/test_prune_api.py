@@ -212,8 +212,10 @@ def test_external_data_stays_external_with_same_layout(tmp_path):
     report = mp.prune_file(src, outdir / "pruned.onnx", sparsity=0.75)
     assert (tmp_path / "weights.bin").read_bytes() == data_before  # input untouched
     out_model = onnx.load(outdir / "pruned.onnx", load_external_data=False)
-    assert _locations(out_model) == _locations(onnx.load(src, load_external_data=False))
-    assert os.path.getsize(outdir / "weights.bin") == len(data_before)
+    renamed = {k: ("pruned.onnx.weights.bin", o, n) for k, (_loc, o, n) in
+               _locations(onnx.load(src, load_external_data=False)).items()}
+    assert _locations(out_model) == renamed  # same offsets and lengths, in a file named after the output
+    assert os.path.getsize(outdir / "pruned.onnx.weights.bin") == len(data_before)
     loaded = onnx.load(outdir / "pruned.onnx")
     n = 64 * 128 + 128 * 32
     assert zeros(tensor_by_name(loaded, "W0")) + zeros(tensor_by_name(loaded, "W1")) == target_count(0.75, n)
@@ -230,6 +232,20 @@ def test_external_data_in_same_directory_is_renamed_not_overwritten(tmp_path):
     out_model = onnx.load(tmp_path / "pruned.onnx", load_external_data=False)
     assert {loc for loc, _o, _l in _locations(out_model).values()} == {"pruned.onnx.weights.bin"}
     onnx.load(tmp_path / "pruned.onnx")  # data resolves
+
+
+def test_outputs_sharing_a_directory_keep_their_own_data_files(tmp_path):
+    _, src = _external_model(tmp_path)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    (outdir / "weights.bin").write_bytes(b"someone else's file")
+    mp.prune_file(src, outdir / "a.onnx", sparsity=0.5)
+    mp.prune_file(src, outdir / "b.onnx", sparsity=0.9)
+    assert (outdir / "weights.bin").read_bytes() == b"someone else's file"
+    n = 64 * 128 + 128 * 32
+    for name, s in (("a.onnx", 0.5), ("b.onnx", 0.9)):
+        loaded = onnx.load(outdir / name)
+        assert zeros(tensor_by_name(loaded, "W0")) + zeros(tensor_by_name(loaded, "W1")) == target_count(s, n)
 
 
 def test_prune_model_reads_external_data_into_the_result(tmp_path):

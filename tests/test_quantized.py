@@ -123,6 +123,8 @@ def test_unscaled_and_unsupported_integer_weights_say_why():
                           [numpy_helper.from_array(q, "Wq")])
     report = mp.inspect_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     assert report.skipped[0].reason.startswith("int8 weight of MatMulInteger: without a scale")
+    tiny = qdq_model(np.ones((8, 9), np.int8), np.ones(9, np.float32))  # 72 elements: size, not dtype, is why
+    assert mp.inspect_model(tiny).skipped[0].reason == "too small: 72 elements, below min_numel 128"
     bad = qdq_model(np.ones((64, 32), np.int8), np.ones(7, np.float32))  # per-axis scale that does not fit
     report = mp.inspect_model(bad)
     assert report.tensors == []

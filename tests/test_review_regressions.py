@@ -62,17 +62,18 @@ def test_weight_sharing_external_bytes_with_a_skipped_tensor_is_not_pruned(tmp_p
     assert report.tensors == []
     assert {s.name: s.reason for s in report.skipped}["w3"] == \
         "shares its external data bytes with 'emb', which is not pruned"
-    assert (tmp_path / "out" / "c.bin").read_bytes() == w.tobytes()
+    assert (tmp_path / "out" / "p.onnx.c.bin").read_bytes() == w.tobytes()
 
 
-def test_output_named_like_its_own_data_file_is_refused(tmp_path):
+def test_output_named_like_the_inputs_data_file_gets_its_own_data_file(tmp_path):
     onnx.save_model(mlp((64, 128, 32)), tmp_path / "m.onnx", save_as_external_data=True, location="w.bin",
                     size_threshold=0)
     (tmp_path / "out").mkdir()
     r = CliRunner().invoke(main, ["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out" / "w.bin"),
-                                  "--sparsity", "0.5", "--format", "dense"])  # dense keeps the data file's name
-    assert r.exit_code == 2 and "would be its own external data file" in r.output
-    assert list((tmp_path / "out").iterdir()) == []
+                                  "--sparsity", "0.5", "--format", "dense"])  # data files are named after the output
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["w.bin", "w.bin.w.bin"]
+    onnx.checker.check_model(str(tmp_path / "out" / "w.bin"), full_check=True)
 
 
 def test_overwrite_in_place_keeps_permissions(tmp_path):

@@ -12,7 +12,7 @@ from conftest import MODELS, make_model, mlp, run_ort, tensor_by_name, vi
 from onnx_magprune.api import prune_model
 from onnx_magprune.cli import main
 from onnx_magprune.config import PruneConfig, Rule
-from onnx_magprune.errors import ConfigError
+from onnx_magprune.errors import ConfigError, NonFiniteWeightError
 from onnx_magprune.methods import MethodOptions
 from onnx_magprune.structured import find_groups
 from onnx_magprune.structured_rewrite import rewrite
@@ -241,6 +241,23 @@ def test_subgraph_use_is_skipped():
     assert skipped[0].reason.startswith("'h' is read inside a subgraph")
 
 
+def test_layers_the_search_does_not_take_are_listed_with_the_reason():
+    inner = helper.make_graph([helper.make_node("MatMul", ["x", "U"], ["z"], name="inner")], "then", [],
+                              [vi("z", None)], [_init(_w((4, 3), 3), "U")])
+    bf16 = helper.make_tensor("B", TensorProto.BFLOAT16, [4, 5], np.zeros(20, np.uint16).tobytes(), raw=True)
+    nodes = [helper.make_node("Cast", ["B"], ["Bf"], name="to_float", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "Bf"], ["h"], name="mm"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=inner, else_branch=inner)]
+    model = make_model(nodes, [vi("x", ["N", 4]), vi("cond", [], TensorProto.BOOL)], [vi("y", None), vi("h", None)],
+                       [bf16])
+    _g, skipped = find_groups(model)
+    assert [(s.producer, s.producer_op, s.units, s.reason) for s in skipped] == [
+        ("B", "MatMul", 5, "its weight reaches MatMul 'mm' through Cast 'to_float': only weights the layer reads "
+                           "directly are cut"),
+        ("U", "MatMul", 3, "it is inside a subgraph (main/If 'y'.else_branch): only the top-level graph is searched"),
+        ("U", "MatMul", 3, "it is inside a subgraph (main/If 'y'.then_branch): only the top-level graph is searched")]
+
+
 # --- config, counts, determinism -------------------------------------------------------------------
 
 
@@ -251,6 +268,32 @@ def test_min_units_and_global_vs_local_counts():
     _, glob = prune_model(model, 0.5, "global", structured=S, min_numel=0)
     assert sum(g["units_before"] - g["units_after"] for g in glob.structured["groups"]) == 14
     assert all(g["selection"] == "global" for g in glob.structured["groups"])
+
+
+def test_overridable_weights_get_their_graph_input_shapes_cut_too():
+    model = mlp((8, 16, 4))
+    for t in model.graph.initializer:  # old IR style: every initializer is also a graph input
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0, include_overridable=True)
+    assert [g["units_after"] for g in rep.structured["groups"]] == [8]
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
+    assert declared["W0"] == [8, 8] and declared["b0"] == [8] and declared["W1"] == [8, 4]
+    _check_equal(mlp((8, 16, 4)), pruned, rep, {"x": _w((5, 8), 42)})  # full check; onnxruntime loads it
+
+
+def test_nonfinite_weights_stop_or_skip_their_group():
+    model = mlp((8, 16, 12, 4))
+    w1 = numpy_helper.to_array(model.graph.initializer[2]).copy()  # W1: produces group W1, consumes group W0
+    w1[3, 5] = np.nan
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w1, "W1"))
+    with pytest.raises(NonFiniteWeightError, match=r"weight 'W1' holds 1 NaN/Inf value\(s\)"):
+        prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0, nonfinite="keep")
+    assert rep.structured["groups"] == []
+    assert {s["producer"]: s["reason"] for s in rep.structured["skipped"]} == {
+        "W0": "'W1' holds 1 NaN/Inf value(s) (--nonfinite keep leaves its group as it is)",
+        "W1": "'W1' holds 1 NaN/Inf value(s) (--nonfinite keep leaves its group as it is)",
+        "W2": "it reaches the graph output 'y'"}
 
 
 def test_exclusions_and_fixed_rules_are_honoured():
