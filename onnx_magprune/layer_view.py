@@ -105,7 +105,10 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
         direct = (producer is not None and producer.node is not None and producer.node.op_type == "DequantizeLinear"
                   and producer.node.input[0] == weight.name)
     if not direct:
-        return None, "it reaches its op through layout ops (Transpose, Reshape, ...)"
+        producer = index.input_value(node, use.slot)
+        via = producer.node.op_type if producer is not None and producer.node is not None else "other ops"
+        return None, f"it reaches {node.op_type} through {via} (the layer's input rows are known only for a weight " \
+                     "the op reads directly)"
     dims = tuple(tensor.dims)
     domain, op = use.op
     if domain != "":

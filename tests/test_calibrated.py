@@ -241,3 +241,15 @@ def test_kept_zeros_stay_zero_when_fewer_are_asked_for():
     P0 = tensor_by_name(pruned, "W0")
     assert (P0 == 0).sum() == 32 * 16  # the existing zeros count toward the 10%; none became tiny non-zeros
     assert rep.tensors[0].zeros_before == rep.tensors[0].zeros_after == 32 * 16
+
+
+def test_a_weight_behind_a_cast_falls_back_to_magnitude_and_says_through_what():
+    w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((32, 16)).astype(np.float16), "W")
+    nodes = [helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "Wf"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 32])], [vi("y", ["N", 16])], [w])
+    _, feeds = _feeds()
+    _, rep = prune_model(model, 0.5, "local", method=MethodOptions(method="obs", calibration=feeds, holdout=0.0))
+    assert rep.tensors[0].method["criterion"] == "magnitude"
+    assert rep.tensors[0].method["fallback"] == ("it reaches MatMul through Cast (the layer's input rows are known "
+                                                 "only for a weight the op reads directly)")
