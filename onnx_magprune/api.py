@@ -21,6 +21,7 @@ from .errors import ConfigError, GateFailed
 from .graph_index import GraphIndex
 from .model_io import (
     LoadedModel,
+    count_params,
     internalize_external_data,
     iter_all_tensors,
     load_model,
@@ -104,7 +105,7 @@ def _dense_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def _total_params(model: onnx.ModelProto) -> int:
-    return sum(numel(t) for t in iter_all_tensors(model))
+    return count_params(model)
 
 
 class _Run:

@@ -165,8 +165,11 @@ def find_weights(index: GraphIndex, *, min_numel: int, include_overridable: bool
     skipped: list[Skipped] = []
     for value in index.constants():
         tensor = value.tensor
-        shape = tuple(tensor.dims) if tensor is not None else ()
-        dtype = dtype_name(tensor.data_type) if tensor is not None else "sparse"
+        if value.sparse is not None:  # listed at its dense shape and type
+            shape, dtype = tuple(value.sparse.dims), dtype_name(value.sparse.values.data_type)
+        else:
+            shape = tuple(tensor.dims) if tensor is not None else ()
+            dtype = dtype_name(tensor.data_type) if tensor is not None else "sparse"
         reason = _static_reason(value, min_numel, include_overridable)
         uses: list[Use] = []
         quant: QuantRef | None = None

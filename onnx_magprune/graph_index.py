@@ -56,6 +56,7 @@ class Value:
     kind: str
     tensor: onnx.TensorProto | None = None
     node: onnx.NodeProto | None = None
+    sparse: onnx.SparseTensorProto | None = None  # a sparse initializer's or sparse Constant's tensor
     overridable: bool = False  # an initializer also listed as a graph input
     duplicate: bool = False  # the name is bound more than once in its graph
     uses: list[Use] = field(default_factory=list)
@@ -119,6 +120,8 @@ class GraphIndex:
                 value = Value(name, label, _node_output_kind(node, i), node=node)
                 if value.kind == "constant":
                     value.tensor = next(a.t for a in node.attribute if a.name == "value")
+                elif value.kind == "sparse_constant":
+                    value.sparse = next(a.sparse_tensor for a in node.attribute if a.name == "sparse_value")
                 self._bind(local, value)
                 outs.append(value)
             self._outputs[id(node)] = outs
@@ -147,7 +150,7 @@ class GraphIndex:
         for t in graph.initializer:
             self._bind(local, Value(t.name, label, "initializer", tensor=t, overridable=t.name in input_names))
         for sparse in graph.sparse_initializer:
-            self._bind(local, Value(sparse.values.name, label, "sparse_initializer"))
+            self._bind(local, Value(sparse.values.name, label, "sparse_initializer", sparse=sparse))
         self._bind_nodes(local, graph.node, label)
         scope = ChainMap(local, outer)
         self._use_nodes(scope, graph.node, label)

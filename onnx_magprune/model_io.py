@@ -145,6 +145,27 @@ def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     return (t for t, _sparse in _walk(model))
 
 
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of every tensor of the model (initializers, attributes, subgraphs, local functions),
+    a sparse tensor counted at its dense shape (not its stored values and indices)."""
+    def prod(dims) -> int:
+        n = 1
+        for d in dims:
+            n *= d
+        return n
+
+    total = 0
+    for g in iter_graphs(model, functions=True):
+        total += sum(prod(t.dims) for t in getattr(g, "initializer", []))
+        total += sum(prod(t.dims) for t in getattr(g, "sparse_initializer", []))
+        for node in g.node:
+            for attr in node.attribute:
+                dense = ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+                sparse = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors)
+                total += sum(prod(t.dims) for t in dense + sparse)
+    return total
+
+
 def _sparse_parts(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """The values and indices of every sparse tensor of the model."""
     return (t for t, sparse in _walk(model) if sparse)

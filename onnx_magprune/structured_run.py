@@ -127,10 +127,9 @@ class _Group:
 
 
 def _params(model: onnx.ModelProto) -> int:
-    from .model_io import iter_all_tensors
-    from .tensor_data import numel
+    from .model_io import count_params
 
-    return sum(numel(t) for t in iter_all_tensors(model))
+    return count_params(model)
 
 
 class StructuredRun:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+import onnx_magprune as mp
 from conftest import make_model, vi, weight
 from onnx_magprune.discovery import find_weights
 from onnx_magprune.graph_index import GraphIndex
@@ -168,6 +169,11 @@ def test_every_skip_reason():
         "Out": "is a graph output: output 2 of graph main",
         "Sp": "stored as a sparse tensor (already encoded; decode it first)",
     }
+    report = mp.inspect_model(m)
+    sp = next(s for s in report.skipped if s.name == "Sp")
+    assert (tuple(sp.shape), sp.dtype) == ((8, 8), "float")  # its dense shape, not its 2 stored values
+    # every tensor at its dense size: four 8x8, Tiny 8x1, Bias 8, the 64x1 scale, the 64x8 int8, the 8x8 sparse one
+    assert report.totals.total_params == 4 * 64 + 8 + 8 + 64 + 512 + 64
 
 
 def test_fake_quant_pair_passes_and_duplicates_are_refused():

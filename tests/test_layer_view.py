@@ -93,7 +93,7 @@ def test_conv_two_four_groups_run_along_input_channels():
     (lambda W: make_model([helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["y", "W"], ["z"])],
                           [vi("x", [2, 8])], [vi("z", None)], [numpy_helper.from_array(W, "W")]), "feeds 2 ops"),
     (lambda W: make_model([helper.make_node("Transpose", ["W"], ["Wt"]), helper.make_node("MatMul", ["x", "Wt"], ["y"])],
-                          [vi("x", [2, 8])], [vi("y", None)], [numpy_helper.from_array(W, "W")]), "layout ops"),
+                          [vi("x", [2, 8])], [vi("y", None)], [numpy_helper.from_array(W, "W")]), "through Transpose"),
     (lambda W: make_model([helper.make_node("Conv", ["x", "W4"], ["y"], group=2)], [vi("x", [1, 4, 3, 3])],
                           [vi("y", None)], [numpy_helper.from_array(W.reshape(8, 2, 2, 2), "W4")]), "grouped"),
 ])
