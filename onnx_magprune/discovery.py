@@ -248,6 +248,39 @@ def _quant_ref(node, index: GraphIndex, scale_slot: int, zp_slot: int, axis: int
     return QuantRef(scale, zp, axis, block, via)
 
 
+def _output_scale(node, weight: Value, index: GraphIndex) -> QuantRef | str:
+    """The weight scale of a MatMulInteger as ONNX Runtime's dynamic quantization writes it:
+    ``Mul(Cast(MatMulInteger(x_q, W_q, x_zp, W_zp)), Mul(x_scale, W_scale))`` (or the constant
+    scale directly), per tensor or per output column; the zero point is the op's input 3."""
+    out = index.outputs_of(node)[0] if index.outputs_of(node) else None
+    if out is None or len(out.uses) != 1 or out.uses[0].op != ("", "Cast"):
+        return "its output is not Cast and then scaled by a Mul, where the scale would be read"
+    cast_out = index.outputs_of(out.uses[0].node)[0]
+    if cast_out is None or len(cast_out.uses) != 1 or cast_out.uses[0].op != ("", "Mul"):
+        return "its output is not Cast and then scaled by a Mul, where the scale would be read"
+    mul = cast_out.uses[0]
+    other = index.input_value(mul.node, 1 - mul.slot)
+    scale = None
+    if other is not None and other.kind in ("initializer", "constant"):
+        scale = other
+    elif other is not None and other.kind == "node_output" and other.node.op_type == "Mul" \
+            and other.node.domain in ("", "ai.onnx"):
+        consts = [index.input_value(other.node, i) for i in range(len(other.node.input))]
+        consts = [c for c in consts if c is not None and c.kind in ("initializer", "constant")]
+        scale = consts[0] if len(consts) == 1 else None
+    if scale is None or scale.overridable or scale.tensor is None or scale.tensor.data_type not in FLOAT_TYPES:
+        return "the Mul that scales its output has no constant float weight scale"
+    units = weight.tensor.dims[-1]
+    n = numel(scale.tensor)
+    if not (n == 1 or (len(scale.tensor.dims) == 1 and n == units)):
+        return f"the scale of shape {list(scale.tensor.dims)} is neither per tensor nor per output column"
+    zp = index.input_value(node, 3) if len(node.input) > 3 and node.input[3] else None
+    if zp is not None and (zp.kind not in ("initializer", "constant") or zp.overridable
+                           or numel(zp.tensor) not in (1, units)):
+        return "its zero point is not a constant per tensor or per output column"
+    return QuantRef(scale, zp, 1, 0, "MatMulInteger")  # per column: axis 1 of B [K, N]; a scalar ignores it
+
+
 def _trace_quantized(value: Value, index: GraphIndex) -> tuple[list[Use], QuantRef | None, str | None]:
     """Weight uses and the dequantization of an integer constant, or why it is not a quantized weight."""
     weight_uses: list[Use] = []
@@ -278,10 +311,14 @@ def _trace_quantized(value: Value, index: GraphIndex) -> tuple[list[Use], QuantR
             if isinstance(ref, str):
                 return [], None, ref
             weight_uses.append(use)
+        elif use.op == ("", "MatMulInteger") and use.slot == 1:
+            ref = _output_scale(node, value, index)
+            if isinstance(ref, str):
+                return [], None, f"{kind} weight of MatMulInteger: {ref}, so it is not pruned"
+            weight_uses.append(use)
         elif use.op in _UNSCALED:
             return [], None, (f"{kind} weight of {use.op[1]}: without a scale its magnitude is not comparable "
-                              f"with other weights, so it is not pruned ({use.op[1]} reads no scale; where one "
-                              "is applied to its output later, it is not traced)")
+                              f"with other weights, so it is not pruned ({use.op[1]} reads no scale)")
         elif use.op == ("com.microsoft", "MatMulNBits"):
             return [], None, "MatMulNBits packed low-bit blocks are not pruned"
         else:

@@ -122,7 +122,8 @@ def test_unscaled_and_unsupported_integer_weights_say_why():
     g = helper.make_graph(nodes, "g", [vi("x", [1, 64], TensorProto.INT8)], [vi("y", [1, 32], TensorProto.INT32)],
                           [numpy_helper.from_array(q, "Wq")])
     report = mp.inspect_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    assert report.skipped[0].reason.startswith("int8 weight of MatMulInteger: without a scale")
+    assert report.skipped[0].reason == ("int8 weight of MatMulInteger: its output is not Cast and then scaled by "
+                                        "a Mul, where the scale would be read, so it is not pruned")
     tiny = qdq_model(np.ones((8, 9), np.int8), np.ones(9, np.float32))  # 72 elements: size, not dtype, is why
     assert mp.inspect_model(tiny).skipped[0].reason == "too small: 72 elements, below min_numel 128"
     bad = qdq_model(np.ones((64, 32), np.int8), np.ones(7, np.float32))  # per-axis scale that does not fit
@@ -166,3 +167,32 @@ def test_onnxruntime_quantized_cnn(tmp_path, fmt):
     assert acc > 0.97  # measured: 0.982 (QDQ) and 0.984 (QOperator) at 50%; float model 0.987
     scales = {t.name for t in onnx.load(out).graph.initializer if t.name.endswith("_scale")}
     assert scales and not scales & {t.name for t in report.tensors}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_onnxruntime_dynamic_quantization(tmp_path, per_channel):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from conftest import mlp
+
+    (tmp_path / "f.onnx").write_bytes(mlp((64, 128, 32)).SerializeToString())
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=per_channel)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    pruned, report = mp.prune_model(quantized, sparsity=0.5, min_numel=16)
+    assert [(t.name, t.consumers, t.quantization) for t in report.tensors] == [
+        (name, ["MatMulInteger"], f"{'per-axis (axis 1)' if per_channel else 'per-tensor'} via MatMulInteger")
+        for name in ("W0_quantized", "W1_quantized")]
+    n = 64 * 128 + 128 * 32
+    assert report.totals.zeros_after == target_count(0.5, n)
+    kept, dropped = [], []
+    for name in ("W0", "W1"):
+        q, p = init_of(quantized, f"{name}_quantized"), init_of(pruned, f"{name}_quantized")
+        zp, scale = init_of(quantized, f"{name}_zero_point"), init_of(quantized, f"{name}_scale")
+        magnitude = np.abs((q.astype(np.float64) - zp) * scale)  # the weight as MatMulInteger's scale Mul sees it
+        is_zp = p == zp
+        assert np.array_equal(p[~is_zp], q[~is_zp])  # kept entries untouched, pruned ones at the zero point
+        kept.append(magnitude[~is_zp & (q != zp)]), dropped.append(magnitude[is_zp & (q != zp)])
+    assert np.concatenate(dropped).max() <= np.concatenate(kept).min()  # one global threshold on dequantized |w|
+    sess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.ones((2, 64), np.float32)})[0].shape == (2, 32)
