@@ -4,8 +4,9 @@ Formats (one enum, encoders behind a small registry):
 
 * ``dense``: zeros stored in place (no change);
 * ``sparse``: the standard ``SparseTensorProto`` (COO, INT64 linear indices),
-  held by a ``Constant`` node's ``sparse_value`` (an initializer becomes such a
-  node with its name, at the head of its graph; onnx's shape inference cannot
+  held by a ``Constant`` node's ``sparse_value`` (an initializer or a Constant
+  becomes such a node, named ``<weight>_sparse``, at the head of its graph, as
+  compact decoders are; onnx's shape inference cannot
   type a ``sparse_initializer`` feeding MatMul/Gemm/Conv, a Constant it can).
   onnx.checker (full check) accepts it; it is smaller than dense only above
   1 - itemsize/(itemsize + 8) sparsity (66.7% for float32);
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import onnx
@@ -87,12 +88,15 @@ def _nonzero_positions(array: np.ndarray) -> np.ndarray:
     return np.flatnonzero(bits)
 
 
-def to_sparse(tensor: TensorProto, array: np.ndarray, index_type: int) -> onnx.SparseTensorProto:
+def to_sparse(tensor: TensorProto, array: np.ndarray, index_type: int,
+              name: str | None = None) -> onnx.SparseTensorProto:
+    """COO of ``array``; its parts are named after ``name`` (the weight's name in the graph), default the tensor's."""
+    name = tensor.name if name is None else name
     pos = _nonzero_positions(array)
-    values = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=[pos.size],
+    values = TensorProto(name=name, data_type=tensor.data_type, dims=[pos.size],
                          raw_data=np.ascontiguousarray(array.reshape(-1)[pos]).tobytes())
     idx_dtype = np.int64 if index_type == TensorProto.INT64 else np.int32
-    indices = TensorProto(name=f"{tensor.name}_indices", data_type=index_type, dims=[pos.size],
+    indices = TensorProto(name=f"{name}_indices", data_type=index_type, dims=[pos.size],
                           raw_data=pos.astype(idx_dtype).tobytes())
     sparse = onnx.SparseTensorProto(values=values, indices=indices)
     sparse.dims.extend(tensor.dims)
@@ -185,17 +189,24 @@ def _serialized(decoder: compact_graph.Decoder, code: compact_code.CompactTensor
     return small + sum(n.ByteSize() for n in decoder.nodes)
 
 
-def _site(model: onnx.ModelProto, tensor: TensorProto):
-    """(graph, initializer?, constant node, in a function?) of where ``tensor`` is stored."""
+class _Site(NamedTuple):
+    graph: object  # the GraphProto (or FunctionProto) holding the tensor, or None
+    const_node: onnx.NodeProto | None  # the Constant holding it, or None for an initializer
+    in_function: bool
+    name: str  # the name the graph knows it by: a Constant's output (its tensor's own name may be empty)
+
+
+def _site(model: onnx.ModelProto, tensor: TensorProto) -> _Site:
+    """Where ``tensor`` is stored."""
     graph = _graph_holding(model, tensor)
     if graph is not None:
-        return graph, True, None, False
+        return _Site(graph, None, False, tensor.name)
     for in_function in (False, True):  # the main graph and its subgraphs first, then local functions too
         for g in iter_graphs(model, functions=in_function):
             for node in g.node:
                 if node.op_type == "Constant" and any(a.HasField("t") and a.t is tensor for a in node.attribute):
-                    return g, False, node, in_function
-    return None, False, None, False
+                    return _Site(g, node, in_function, node.output[0])
+    return _Site(None, None, False, tensor.name)
 
 
 def _value_names(model: onnx.ModelProto) -> set[str]:
@@ -215,100 +226,104 @@ def _value_names(model: onnx.ModelProto) -> set[str]:
 def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Format, store: TensorStore,
                    overridable: Callable[[str], bool] = lambda _n: False,
                    objective: Objective = Objective.BALANCED) -> list[Encoded]:
-    """Re-encode the given float tensors of ``model`` in place; returns what each became."""
-    out = []
-    names: set[str] | None = None
-    heads: dict[int, int] = {}
-    for tensor in tensors:
+    """Re-encode the given float tensors of ``model`` in place; returns what each became (in the
+    order given).  Encoded weights go to the head of their graph in the order of their names, whatever
+    order they come in, so pruning this tool's own (decoded) output again writes the same bytes."""
+    sited = []
+    for i, tensor in enumerate(tensors):
         if tensor.data_type not in FLOAT_TYPES:
             continue  # quantized weights stay dense (their zero is the zero point, not 0)
+        site = _site(model, tensor)
+        if site.graph is None:  # pragma: no cover - every weight is an initializer or a Constant
+            raise MagpruneError(f"cannot find where tensor '{tensor.name}' is stored")
+        sited.append((site.name if isinstance(site.name, str) else "", i, tensor, site))
+    encoder = _Encoder(model, fmt, store, overridable, objective)
+    done = [(i, encoder.encode(tensor, site)) for _n, i, tensor, site in sorted(sited, key=lambda s: s[:2])]
+    return [e for _i, e in sorted(done, key=lambda d: d[0])]
+
+
+class _Encoder:
+    """Encodes one weight at a time into ``model``, keeping the names in use and each graph's next head slot."""
+
+    def __init__(self, model: onnx.ModelProto, fmt: Format, store: TensorStore,
+                 overridable: Callable[[str], bool], objective: Objective):
+        self.model, self.fmt, self.store, self.overridable, self.objective = model, fmt, store, overridable, objective
+        self.names: set[str] | None = None
+        self.heads: dict[int, int] = {}
+        self.sparse_ok = _opset(model) >= SPARSE_MIN_OPSET
+
+    def encode(self, tensor: TensorProto, site: "_Site") -> Encoded:
         if uses_external_data(tensor):  # pragma: no cover - callers read external data in first
             raise MagpruneError(f"tensor '{tensor.name}' is still external: read it in before encoding")
-        array = store.read(tensor)
+        fmt, graph, name = self.fmt, site.graph, site.name
+        array = self.store.read(tensor)
         n, item = numel(tensor), array.dtype.itemsize
         nnz = int(_nonzero_positions(array).size)
         sizes = _sizes(n, nnz, item)
         bound = compact_code.bound_bytes(n, nnz, item)
-        graph, is_initializer, const_node, in_function = _site(model, tensor)
-        if graph is None:  # pragma: no cover - every weight is an initializer or a Constant
-            raise MagpruneError(f"cannot find where tensor '{tensor.name}' is stored")
-        # the graph knows a Constant's weight by the node's output (its tensor's own name may be empty)
-        name = const_node.output[0] if const_node is not None else tensor.name
         dense = Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound)
-        if is_initializer and (overridable(tensor.name) or any(i.name == tensor.name for i in graph.input)):
-            out.append(dense)  # an overridable initializer must stay a plain initializer
-            continue
+        if site.const_node is None and (self.overridable(tensor.name)
+                                        or any(i.name == tensor.name for i in graph.input)):
+            return dense  # an overridable initializer must stay a plain initializer
         if fmt is Format.DENSE:
-            out.append(dense)
-            continue
+            return dense
         compact, note = None, None
-        sparse_ok = _opset(model) >= SPARSE_MIN_OPSET
         if fmt in (Format.COMPACT, Format.AUTO) and n > 0:
-            if names is None:
-                names = _value_names(model)
-            compact, note = _compact_candidate(model, tensor, array, in_function, objective, names, name)
+            if self.names is None:
+                self.names = _value_names(self.model)
+            compact, note = _compact_candidate(self.model, tensor, array, site.in_function, self.objective,
+                                               self.names, name)
         if fmt is Format.AUTO:
             options = [(sizes[Format.DENSE], Format.DENSE)] + ([(sizes[Format.SPARSE], Format.SPARSE)]
-                                                                if sparse_ok else [])
+                                                                if self.sparse_ok else [])
             if compact is not None:
                 options.append((compact[0].nbytes + compact[2], Format.COMPACT))
             chosen = min(options, key=lambda o: o[0])[1]  # ties: the earlier (simpler) format
             note = note if compact is None else None  # why compact was not even a candidate
         elif fmt is Format.COMPACT:
             chosen = Format.COMPACT if compact is not None else Format.DENSE
-        elif not sparse_ok:
+        elif not self.sparse_ok:
             chosen, note = Format.DENSE, (f"sparse: a Constant's sparse_value needs opset {SPARSE_MIN_OPSET}, "
-                                          f"the model has opset {_opset(model)}")
-        elif fmt is Format.SPARSE_INT32 and graph is not model.graph:
+                                          f"the model has opset {_opset(self.model)}")
+        elif fmt is Format.SPARSE_INT32 and graph is not self.model.graph:
             chosen, note = Format.DENSE, ("sparse-int32: ONNX Runtime checks the Constants of subgraphs and "
                                           "rejects INT32 indices there")
         else:
             chosen = fmt
         if chosen is Format.DENSE:
-            out.append(Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound,
-                               note=note))
-            continue
+            return Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound, note=note)
         if chosen is Format.COMPACT:
             code, decoder, overhead = compact
-            _place(graph, tensor, const_node, decoder.nodes, decoder.initializers, heads)
-            names.update(t.name for t in decoder.initializers)
-            names.update(o for nd in decoder.nodes for o in nd.output)
-            out.append(Encoded(name, chosen.value, sizes[Format.DENSE], code.nbytes, bound, overhead,
-                               _code_label(code)))
-            continue
-        sparse = to_sparse(tensor, array, _INDEX_TYPE[chosen])
-        if const_node is None:
-            graph.initializer.remove(tensor)  # other initializers keep their identity
-            node = onnx.helper.make_node("Constant", [], [name], name=f"{name}_sparse", sparse_value=sparse)
-            graph.node.insert(0, node)
+            self._place(site, tensor, decoder.nodes, decoder.initializers)
+            self.names.update(t.name for t in decoder.initializers)
+            self.names.update(o for nd in decoder.nodes for o in nd.output)
+            return Encoded(name, chosen.value, sizes[Format.DENSE], code.nbytes, bound, overhead, _code_label(code))
+        sparse = to_sparse(tensor, array, _INDEX_TYPE[chosen], name)
+        node = onnx.helper.make_node("Constant", [], [name], name=f"{name}_sparse", sparse_value=sparse)
+        self._place(site, tensor, [node], [])  # other initializers keep their identity
+        return Encoded(name, chosen.value, sizes[Format.DENSE], sizes[chosen], bound, note=note)
+
+    def _place(self, site: "_Site", tensor: TensorProto, nodes: list, initializers: list) -> None:
+        """Put ``nodes`` (a compact decoder, or a sparse Constant named ``<weight>_sparse``) in place of
+        ``tensor``'s initializer or Constant, at the head of its graph after those placed before: its
+        inputs are all constants, so it may run first, and where it goes then does not depend on where
+        the weight was (a decoded model, whose weights are initializers, gets the same graph back)."""
+        graph = site.graph
+        if site.const_node is None:
+            graph.initializer.remove(tensor)
         else:
-            attr = next(a for a in const_node.attribute if a.HasField("t") and a.t is tensor)
-            const_node.attribute.remove(attr)
-            const_node.attribute.append(onnx.helper.make_attribute("sparse_value", sparse))
-        out.append(Encoded(name, chosen.value, sizes[Format.DENSE], sizes[chosen], bound, note=note))
-    return out
+            graph.node.remove(site.const_node)
+        at = self.heads.get(id(graph), 0)
+        self.heads[id(graph)] = at + len(nodes)
+        for i, nd in enumerate(nodes):
+            graph.node.insert(at + i, nd)
+        graph.initializer.extend(initializers)
 
 
 def _code_label(code: compact_code.CompactTensor) -> str:
     a = code.alphabet
     return (f"{a.mode.value}, {a.layout.value} layout, {code.fibers} fiber(s) x {code.entries} entries, "
             f"{a.planes} symbol(s) of {a.size} per {a.word_bytes}-byte word")
-
-
-def _place(graph, tensor: TensorProto, const_node, nodes: list, initializers: list, heads: dict) -> None:
-    """Put a compact decoder where ``tensor`` was: initializers' decoders go at the head of their
-    graph in the order they are placed (``heads`` keeps each graph's next slot), a Constant's
-    decoder where the Constant was."""
-    if const_node is None:
-        graph.initializer.remove(tensor)
-        at = heads.get(id(graph), 0)
-        heads[id(graph)] = at + len(nodes)
-    else:
-        at = next(i for i, nd in enumerate(graph.node) if nd is const_node)
-        graph.node.remove(const_node)
-    for i, nd in enumerate(nodes):
-        graph.node.insert(at + i, nd)
-    graph.initializer.extend(initializers)
 
 
 def _decode_compact(graph: onnx.GraphProto) -> int:

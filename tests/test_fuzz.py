@@ -9,6 +9,7 @@ and never a partial output file.  Crashers found are kept in
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -239,3 +240,33 @@ def test_zero_sized_and_half_precision_models(tmp_path):
     assert {s["name"]: s["reason"] for s in report["skipped"]}["E"] == "empty tensor"
     v = validate_models(src, out, gates=__import__("onnx_magprune").Gates(min_cosine=0.5))
     assert v.outputs[0]["kind"] == "float" and 0.5 < v.outputs[0]["cosine"] < 1.0 and v.passed
+
+
+@pytest.mark.parametrize("fmt", ["auto", "sparse", "compact"])
+def test_pruning_an_encoded_model_again_writes_the_same_bytes(tmp_path, fmt):
+    """Weights in initializers and in Constants (one with an unnamed tensor, as exporters write them),
+    at magnitudes that give each a different sparsity under one global threshold, so auto mixes formats."""
+    rng = np.random.default_rng(4)
+    w = [rng.standard_normal((48, 48)).astype(np.float32) * s for s in (4.0, 1.0, 0.05, 1.5)]
+    nodes = [helper.make_node("Constant", [], ["W1"], value=numpy_helper.from_array(w[1], "")),
+             helper.make_node("Constant", [], ["W3"], value=numpy_helper.from_array(w[3], "W3")),
+             helper.make_node("MatMul", ["x", "W0"], ["h0"]), helper.make_node("MatMul", ["h0", "W1"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "W2"], ["h2"]), helper.make_node("MatMul", ["h2", "W3"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])],
+                              [numpy_helper.from_array(w[0], "W0"), numpy_helper.from_array(w[2], "W2")])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    reports = []
+    for a, b in ((src, once), (once, twice)):
+        r = CliRunner().invoke(main, ["prune", str(a), "-o", str(b), "--sparsity", "0.8", "--format", fmt,
+                                      "--min-numel", "16", "-q", "--report", str(tmp_path / "r.json")])
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads((tmp_path / "r.json").read_text()))
+    formats = sorted(t["format"] for t in reports[0]["tensors"])
+    if fmt == "auto":
+        assert len(set(formats)) >= 2, formats  # a mix, or the test would not test placement
+    assert {t["name"]: t["format"] for t in reports[1]["tensors"]} == {t["name"]: t["format"]
+                                                                      for t in reports[0]["tensors"]}
+    assert once.read_bytes() == twice.read_bytes()
