@@ -158,15 +158,18 @@ def _slice_batches(arrays: Mapping[str, np.ndarray], labels: np.ndarray | None, 
     total = n if limit is None else min(n, limit)
     for start in range(0, total, batch_size):
         stop = min(start + batch_size, total)
-        yield Batch({k: np.ascontiguousarray(v[start:stop]) for k, v in arrays.items()},
+        # (np.ascontiguousarray would make a 0-d array 1-d)
+        yield Batch({k: np.ascontiguousarray(v[start:stop]) if v.ndim else np.array(v) for k, v in arrays.items()},
                     None if labels is None else np.asarray(labels[start:stop]))
 
 
 def _first_axis(arrays: Mapping[str, np.ndarray], labels: np.ndarray | None, where: str) -> int:
-    sizes = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
-    if any(s is None for s in sizes.values()):
-        scalars = [k for k, s in sizes.items() if s is None]
-        raise CalibrationError(f"{where}: {', '.join(scalars)} has no batch axis (scalar array)")
+    """The number of samples: the first axis every array shares.  A 0-d array (the value of a scalar
+    input, such as a loop count) has no samples: it is fed whole with every batch; with nothing
+    else, the data is one sample."""
+    sizes = {k: v.shape[0] for k, v in arrays.items() if v.ndim}
+    if arrays and not sizes:
+        sizes = {"": 1}
     distinct = set(sizes.values())
     if len(distinct) > 1:
         listing = ", ".join(f"{k}: {s}" for k, s in sizes.items())
@@ -404,8 +407,9 @@ def open_calibration(source: Any, model: onnx.ModelProto, *, labels: str | Path 
 
 
 def samples_in(batch: Batch) -> int:
-    first = next(iter(batch.feeds.values()))
-    return int(first.shape[0]) if first.ndim else 1
+    """Samples in ``batch``: the first axis of its first array that has one (0-d arrays are fed whole)."""
+    first = next((v for v in batch.feeds.values() if np.ndim(v)), None)
+    return int(first.shape[0]) if first is not None else 1
 
 
 def split_holdout(calib: CalibrationSet, fraction: float) -> tuple[CalibrationSet, CalibrationSet | None]:
@@ -433,7 +437,7 @@ def split_holdout(calib: CalibrationSet, fraction: float) -> tuple[CalibrationSe
                         yield batch
                     else:
                         sl = slice(a - offset, b - offset)
-                        yield Batch({k: v[sl] for k, v in batch.feeds.items()},
+                        yield Batch({k: v[sl] if v.ndim else v for k, v in batch.feeds.items()},
                                     None if batch.labels is None else batch.labels[sl])
                 offset += size
                 if offset >= hi:

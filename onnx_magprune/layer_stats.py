@@ -341,7 +341,7 @@ class StatsModel:
         return any(not np.array_equal(self.weights[k], self.reference[k]) for k in self.weights)
 
     def set_weight(self, name: str, stored: np.ndarray) -> None:
-        self.weights[name] = np.ascontiguousarray(stored)
+        self.weights[name] = np.ascontiguousarray(stored) if np.ndim(stored) else np.array(stored)  # 0-d stays 0-d
 
     def collect(self, request: StatsRequest, *, label: str = "statistics", quiet: bool = True) -> dict[str, LayerStats]:
         """Statistics for each weight of ``request`` (weights sharing an input share the object)."""

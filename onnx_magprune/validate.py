@@ -16,7 +16,7 @@ import onnx
 
 from . import __version__
 from .calibration import CalibrationError, CalibrationSet, SyntheticSpec, effective_batch, model_inputs, \
-    open_calibration
+    open_calibration, samples_in
 from .metrics import Accuracy, OutputDrift, pick_label_output
 from .model_io import load_model
 from .progress import Progress
@@ -144,7 +144,7 @@ def validate_models(
                     accuracy.update(d_out[i], p_out[i], batch.labels)
                 except ValueError as e:
                     raise CalibrationError(str(e)) from e
-            samples += next(iter(batch.feeds.values())).shape[0] if batch.feeds else 0
+            samples += samples_in(batch) if batch.feeds else 0
             bar.update()
     outputs = [drifts[n].result() for n in names]
     acc = accuracy.result() if accuracy is not None else None

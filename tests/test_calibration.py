@@ -13,6 +13,8 @@ from onnx_magprune.calibration import (
     model_inputs,
     open_calibration,
     parse_shape,
+    split_holdout,
+    synthetic,
 )
 
 
@@ -140,3 +142,36 @@ def test_other_bad_sources(tmp_path):
     with pytest.raises(CalibrationError, match="must look like NAME=1,128"):
         parse_shape("x=1,a")
     assert parse_shape("input_ids=1,128") == ("input_ids", (1, 128))
+
+
+def _scalar_input_model():
+    """y = (x @ W) * s with s a rank-0 input (like a loop count or a temperature)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "s"], ["y"])]
+    return make_model(nodes, [vi("x", ["N", 8]), vi("s", [])], [vi("y", ["N", 8])], [w])
+
+
+def test_a_scalar_input_is_fed_whole_with_every_batch(tmp_path):
+    from click.testing import CliRunner
+
+    from onnx_magprune.cli import main
+
+    model = _scalar_input_model()
+    x = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
+    src, out, data = tmp_path / "m.onnx", tmp_path / "p.onnx", tmp_path / "c.npz"
+    np.savez(data, x=x, s=np.array(2.0, np.float32))
+    calib = open_calibration(data, model)
+    batches = list(calib.batches(4))
+    assert [b.feeds["x"].shape for b in batches] == [(4, 8), (4, 8), (2, 8)]
+    assert all(b.feeds["s"].shape == () and b.feeds["s"] == 2.0 for b in batches)
+    fit, held = split_holdout(calib, 0.3)
+    assert sum(b.feeds["x"].shape[0] for b in held.batches(8)) == 3
+    assert all(b.feeds["s"].shape == () for b in list(fit.batches(4)) + list(held.batches(8)))
+    assert all(b.feeds["s"].shape == () for b in synthetic(model_inputs(model)).batches(4))
+    src.write_bytes(model.SerializeToString())
+    for args in (["prune", str(src), "-o", str(out), "--sparsity", "0.5", "--min-numel", "8", "-q",
+                  "--method", "obs", "--calibration", str(data)],
+                 ["validate", str(src), str(out), "--calibration", str(data), "-q"],
+                 ["validate", str(src), str(out), "-q"]):  # synthetic inputs
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
