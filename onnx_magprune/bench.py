@@ -23,12 +23,13 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .calibration import SyntheticSpec, effective_batch, model_inputs, open_calibration
+from .calibration import SyntheticSpec, effective_batch, model_inputs, open_calibration, synthetic_hint
 from .model_io import iter_all_tensors
 from .progress import Progress
 from .folding import FoldCheck, can_check_in_session, check_on_cpu, decoder_weights, optimized_model_path, \
     unfolded_decoders
-from .runtime import BoundRunner, ModelRef, ProviderChoice, available_providers, create_session, resolve_providers
+from .runtime import BoundRunner, ModelRef, ProviderChoice, RuntimeFailure, available_providers, create_session, \
+    resolve_providers
 from .tensor_data import FLOAT_TYPES, TensorStore, dtype_name, numel
 from .validate import RuntimeOptions, _graph_of, _label
 
@@ -234,18 +235,24 @@ def bench_models(
             sessions[i], seconds = create_session(models[i], choice, threads=threads)
             create_times[i].append(seconds)
     runners = [BoundRunner(s, feeds, choice.device, runtime.device_id) for s in sessions]
-    for runner in runners:
-        for _ in range(options.warmup):
-            runner()
     latencies: list[list[float]] = [[] for _ in models]
-    with Progress("timing", options.runs, enabled=None if not quiet else False) as bar:
-        for r in range(options.runs):
-            order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
-            for i in order:
-                t0 = time.perf_counter()
-                runners[i]()
-                latencies[i].append(time.perf_counter() - t0)
-            bar.update()
+    try:
+        for runner in runners:
+            for _ in range(options.warmup):
+                runner()
+        with Progress("timing", options.runs, enabled=None if not quiet else False) as bar:
+            for r in range(options.runs):
+                order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+                for i in order:
+                    t0 = time.perf_counter()
+                    runners[i]()
+                    latencies[i].append(time.perf_counter() - t0)
+                bar.update()
+    except RuntimeFailure as e:  # a model that cannot run on these inputs: say why synthetic ones may not fit
+        hint = synthetic_hint(calib, model_inputs(graphs[0]), synthetic)
+        if not hint:
+            raise
+        raise RuntimeFailure(f"{e}{hint}") from e
     rows = []
     notes_unfolded: list[str] = []
     for i, m in enumerate(models):

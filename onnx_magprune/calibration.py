@@ -348,6 +348,15 @@ def synthetic(specs: Sequence[InputSpec], spec: SyntheticSpec = SyntheticSpec())
                           _make=lambda bs: _slice_batches(arrays, None, n, bs, None), samples=n, notes=[note])
 
 
+def synthetic_hint(calib: CalibrationSet, specs: Sequence[InputSpec], spec: SyntheticSpec) -> str:
+    """What to add to an onnxruntime failure on ``calib`` when synthetic integers may be the cause."""
+    if not calib.synthetic or not any(s.dtype.kind in "iu" for s in specs):
+        return ""
+    lo, hi = spec.int_range
+    return (f" (the inputs are synthetic, integers drawn from [{lo}, {hi}): an index input such as "
+            "token_type_ids may need a narrower --int-range, e.g. 0,2, or pass --calibration)")
+
+
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...], int_range) -> np.ndarray:
     if dtype.kind == "f" or dtype.name == "bfloat16":
         return rng.standard_normal(shape).astype(dtype)

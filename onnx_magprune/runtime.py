@@ -192,11 +192,14 @@ class BoundRunner:
             self.binding = binding
 
     def __call__(self) -> None:
-        if self.binding is not None:
-            self.session.run_with_iobinding(self.binding)
-            self.binding.synchronize_outputs()
-        else:
-            self.session.run(None, self.feeds)
+        try:
+            if self.binding is not None:
+                self.session.run_with_iobinding(self.binding)
+                self.binding.synchronize_outputs()
+            else:
+                self.session.run(None, self.feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+            raise RuntimeFailure(f"onnxruntime failed to run the model: {_first_line(e)}") from e
 
 
 def _label(model: ModelRef) -> str:

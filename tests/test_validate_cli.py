@@ -122,3 +122,22 @@ def test_iterable_feeds_from_python():
     feeds = [{"input": data["input"][i:i + 10], "labels": data["labels"][i:i + 10]} for i in range(0, 50, 10)]
     r = validate_models(CNN, CNN, feeds)
     assert r.calibration["samples"] == 50 and r.accuracy["samples"] == 50
+
+
+def test_synthetic_integers_out_of_an_index_range_get_a_hint(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import make_model, vi
+
+    table = numpy_helper.from_array(np.ones((2, 4), np.float32), "types")  # two token types, as in BERT
+    model = make_model([helper.make_node("Gather", ["types", "ids"], ["y"])],
+                       [vi("ids", ["N", 3], TensorProto.INT64)], [vi("y", None)], [table])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    hint = ("(the inputs are synthetic, integers drawn from [0, 100): an index input such as token_type_ids may "
+            "need a narrower --int-range, e.g. 0,2, or pass --calibration)")
+    for args in (["validate", str(src), str(src), "-q"], ["bench", str(src), "-q"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and hint in r.output and "unexpected" not in r.output, r.output
+    for args in (["validate", str(src), str(src), "-q", "--int-range", "0,2"], ["bench", str(src), "-q", "--int-range", "0,2"]):
+        assert CliRunner().invoke(main, args).exit_code == 0
