@@ -90,6 +90,10 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
+#: why a weight has no view: the calibrated criteria (layer input rows) and N:M patterns (reduction axis) need one
+_NO_VIEW = "has no linear-layer view (calibrated criteria and N:M patterns need MatMul, Gemm or ungrouped Conv)"
+
+
 def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> tuple[LinearView | None, str | None]:
     """The weight's :class:`LinearView`, or ``(None, why not)``."""
     tensor = weight.tensor
@@ -112,20 +116,20 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
     dims = tuple(tensor.dims)
     domain, op = use.op
     if domain != "":
-        return None, f"op {domain}.{op} is not supported by calibrated criteria"
+        return None, f"op {domain}.{op} {_NO_VIEW}"
     other = node.input[1 - use.slot] if op in ("MatMul", "Gemm") else node.input[0]
     if op == "MatMul":
         if len(dims) != 2:
-            return None, f"a {len(dims)}-D MatMul weight (batched) is not supported by calibrated criteria"
+            return None, f"a {len(dims)}-D MatMul weight (batched) {_NO_VIEW}"
         return LinearView(op, "matmul_b" if use.slot == 1 else "matmul_a", other, node), None
     if op == "Gemm":
         if use.slot != 1:
-            return None, "a Gemm weight in slot A is not supported by calibrated criteria"
+            return None, f"a Gemm weight in slot A {_NO_VIEW}"
         layout = "gemm_bt" if _attr(node, "transB", 0) else "gemm_b"
         return LinearView(op, layout, other, node, trans_a=bool(_attr(node, "transA", 0))), None
     if op == "Conv":
         if _attr(node, "group", 1) != 1:
-            return None, "grouped convolution is not supported by calibrated criteria"
+            return None, f"grouped convolution {_NO_VIEW}"
         spatial = len(dims) - 2
         kernel = tuple(dims[2:])
         geometry = ConvGeometry(
@@ -137,7 +141,7 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
                 _attr(node, "auto_pad", b"NOTSET"), bytes) else str(_attr(node, "auto_pad", "NOTSET")),
         )
         return LinearView(op, "conv", other, node, conv=geometry), None
-    return None, f"op {op} is not supported by calibrated criteria"
+    return None, f"op {op} {_NO_VIEW}"
 
 
 def _conv_pads(g: ConvGeometry, spatial_in: tuple[int, ...]) -> list[tuple[int, int]]:
