@@ -235,7 +235,9 @@ class StructuredRun:
         if self.pool and not self.calibrated:
             scores = [norm_scores(unit_rows(self._value(gr.group.producer), gr.group.shrinks[0].axis),
                                   self.opts.norm) for gr in self.pool]
-            self._apply_global(scores)
+            # relative to each layer's mean: raw norms follow a layer's scale (PyTorch initialises with
+            # 1/sqrt(fan-in)), so one pooled ranking would empty the widest layers first
+            self._apply_global([sc / m if (m := float(np.mean(sc))) > 0 else sc for sc in scores])
 
     def _apply_global(self, scores: list[np.ndarray]) -> None:
         counts = global_counts(scores, self.cfg.sparsity, [gr.bounds for gr in self.pool], self.opts.min_units)

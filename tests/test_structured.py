@@ -270,6 +270,16 @@ def test_min_units_and_global_vs_local_counts():
     assert all(g["selection"] == "global" for g in glob.structured["groups"])
 
 
+def test_global_without_data_compares_layers_relative_to_their_own_scale():
+    model = mlp((8, 32, 32, 4))
+    for t in model.graph.initializer:
+        if t.name == "W1":  # a layer whose weights are all 100x smaller: it must not be the one emptied
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 0.01, "W1"))
+    _, rep = prune_model(model, 0.5, "global", structured=S, min_numel=0)
+    removed = {g["producer"]: g["units_before"] - g["units_after"] for g in rep.structured["groups"]}
+    assert sum(removed.values()) == 32 and 8 <= removed["W1"] <= 24, removed
+
+
 def test_overridable_weights_get_their_graph_input_shapes_cut_too():
     model = mlp((8, 16, 4))
     for t in model.graph.initializer:  # old IR style: every initializer is also a graph input
