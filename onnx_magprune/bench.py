@@ -24,7 +24,7 @@ import onnx
 
 from . import __version__
 from .calibration import SyntheticSpec, effective_batch, model_inputs, open_calibration, synthetic_hint
-from .model_io import iter_all_tensors
+from .model_io import count_params, iter_all_tensors
 from .progress import Progress
 from .folding import FoldCheck, can_check_in_session, check_on_cpu, decoder_weights, optimized_model_path, \
     unfolded_decoders
@@ -84,17 +84,17 @@ def parameter_counts(model: ModelRef) -> dict[str, Any]:
     proto = _graph_of(model)
     base = None if isinstance(model, (onnx.ModelProto, bytes)) else Path(model).parent
     store = TensorStore(base)
-    tensors, params, nonzero = [], 0, 0
+    tensors, nonzero = [], 0
     for t in iter_all_tensors(proto):
         n = numel(t)
-        params += n
         if t.data_type not in FLOAT_TYPES or n == 0:
             continue
         a = store.read(t, writable=False)
         nz = int(np.count_nonzero(a.astype(np.float32) if a.dtype.name == "bfloat16" else a))
         nonzero += nz
         tensors.append({"name": t.name, "dtype": dtype_name(t.data_type), "numel": n, "nonzero": nz})
-    return {"params": params, "float_nonzero": nonzero, "tensors": tensors}
+    # a sparse tensor counts at its dense shape, not by its stored values and indices
+    return {"params": count_params(proto), "float_nonzero": nonzero, "tensors": tensors}
 
 
 def _peak_rss_child(source: str, choice: ProviderChoice, threads: int | None) -> dict[str, int] | None:

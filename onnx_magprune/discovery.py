@@ -267,9 +267,13 @@ def _output_scale(node, weight: Value, index: GraphIndex) -> QuantRef | str:
             and other.node.domain in ("", "ai.onnx"):
         consts = [index.input_value(other.node, i) for i in range(len(other.node.input))]
         consts = [c for c in consts if c is not None and c.kind in ("initializer", "constant")]
-        scale = consts[0] if len(consts) == 1 else None
+        if len(consts) > 1:
+            return "the Mul that scales its output multiplies two constants: which is the weight's scale is unknown"
+        scale = consts[0] if consts else None
     if scale is None or scale.overridable or scale.tensor is None or scale.tensor.data_type not in FLOAT_TYPES:
         return "the Mul that scales its output has no constant float weight scale"
+    if len(weight.tensor.dims) != 2:
+        return f"a {len(weight.tensor.dims)}-D (batched) weight has no single output-column axis"
     units = weight.tensor.dims[-1]
     n = numel(scale.tensor)
     if not (n == 1 or (len(scale.tensor.dims) == 1 and n == units)):

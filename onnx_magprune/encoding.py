@@ -283,7 +283,7 @@ class _Encoder:
         elif fmt is Format.COMPACT:
             chosen = Format.COMPACT if compact is not None else Format.DENSE
         elif not self.sparse_ok:
-            chosen, note = Format.DENSE, (f"sparse: a Constant's sparse_value needs opset {SPARSE_MIN_OPSET}, "
+            chosen, note = Format.DENSE, (f"{fmt.value}: a Constant's sparse_value needs opset {SPARSE_MIN_OPSET}, "
                                           f"the model has opset {_opset(self.model)}")
         elif fmt is Format.SPARSE_INT32 and graph is not self.model.graph:
             chosen, note = Format.DENSE, ("sparse-int32: ONNX Runtime checks the Constants of subgraphs and "
@@ -317,7 +317,8 @@ class _Encoder:
         self.heads[id(graph)] = at + len(nodes)
         for i, nd in enumerate(nodes):
             graph.node.insert(at + i, nd)
-        graph.initializer.extend(initializers)
+        if initializers:  # (a compact decoder: never in a local function, which has no initializers)
+            graph.initializer.extend(initializers)
 
 
 def _code_label(code: compact_code.CompactTensor) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .calibration import CalibrationError, CalibrationSet, effective_batch, model_inputs
+from .calibration import Batch, CalibrationError, CalibrationSet, effective_batch, model_inputs, samples_in
 from .drift import Metric, drift_value
 from .stats_graph import overridable_proto
 from .metrics import Accuracy, OutputDrift, pick_label_output
@@ -164,7 +164,7 @@ class DriftEvaluator:
                                        f"(outputs: {', '.join(state.names)})")
             state.label_output = chosen
         self.providers_used = list(self._session.session.get_providers())
-        self.samples = sum(next(iter(f.values())).shape[0] for f, _ in batches)
+        self.samples = sum(samples_in(Batch(f)) for f, _ in batches)  # 0-d arrays (scalar inputs) hold no samples
         self.batch_size = batch
         try:
             self._session.measure({})  # the metric applies to these outputs (labels present, ...)

@@ -516,7 +516,13 @@ def _unreached_layers(model: onnx.ModelProto, index: GraphIndex) -> list[Skipped
         const = index.input_value(src, 0)
         if const is None or const.kind not in ("initializer", "constant") or const.tensor is None:
             continue
-        out.append(SkippedGroup(const.name, node.op_type, _units(node.op_type, node, const.tensor.dims),
+        dims = list(const.tensor.dims)
+        if src.op_type == "Transpose":
+            perm = _attr(src, "perm", list(range(len(dims)))[::-1])
+            dims = [dims[p] for p in perm] if sorted(perm) == list(range(len(dims))) else []
+        elif src.op_type == "Reshape":
+            dims = []  # the shape the layer sees is not known here: no unit count
+        out.append(SkippedGroup(const.name, node.op_type, _units(node.op_type, node, dims),
                                 f"its weight reaches {node.op_type} '{_label(node)}' through {src.op_type} "
                                 f"'{_label(src)}': only weights the layer reads directly are cut"))
     for v in index.values:

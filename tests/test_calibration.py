@@ -172,6 +172,9 @@ def test_a_scalar_input_is_fed_whole_with_every_batch(tmp_path):
     for args in (["prune", str(src), "-o", str(out), "--sparsity", "0.5", "--min-numel", "8", "-q",
                   "--method", "obs", "--calibration", str(data)],
                  ["validate", str(src), str(out), "--calibration", str(data), "-q"],
-                 ["validate", str(src), str(out), "-q"]):  # synthetic inputs
+                 ["validate", str(src), str(out), "-q"],  # synthetic inputs
+                 ["sensitivity", str(src), "--calibration", str(data), "--min-numel", "8", "-q"],
+                 ["prune", str(src), "-o", str(tmp_path / "a.onnx"), "--target-drift", "0.5", "--min-numel", "8",
+                  "--calibration", str(data), "-q"]):
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output

@@ -107,6 +107,25 @@ def test_sparse_needs_opset_11(fmt):
         assert report.tensors[0].format_note == "sparse: a Constant's sparse_value needs opset 11, the model has opset 9"
 
 
+@pytest.mark.parametrize("fmt", ["sparse", "auto", "compact"])
+def test_a_constant_weight_in_a_local_function(fmt):
+    w = np.random.default_rng(5).standard_normal((16, 16)).astype(np.float32)
+    w[np.abs(w) < 1.6] = 0  # ~89% zeros: auto picks sparse
+    body = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "")),
+            helper.make_node("MatMul", ["a", "w"], ["b"])]
+    func = helper.make_function("local", "F", ["a"], ["b"], body, [helper.make_opsetid("", 17)])
+    g = helper.make_graph([helper.make_node("F", ["x"], ["y"], domain="local")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[func])
+    encoded, report = mp.prune_model(model, sparsity=0.0, format=fmt, min_numel=16)
+    expected = "dense" if fmt == "compact" else "sparse"  # compact: functions have no initializers
+    assert report.tensors[0].format == expected
+    onnx.checker.check_model(encoded, full_check=True)
+    assert np.array_equal(run(encoded, np.float32), run(model, np.float32))
+
+
 def test_sparse_int32_stays_dense_in_subgraphs():
     model, w = model_with_weights(np.float32, "subgraph_constant", 0.95)
     encoded, report = mp.prune_model(model, sparsity=0.0, format="sparse-int32", min_numel=16)

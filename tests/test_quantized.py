@@ -196,3 +196,25 @@ def test_onnxruntime_dynamic_quantization(tmp_path, per_channel):
     assert np.concatenate(dropped).max() <= np.concatenate(kept).min()  # one global threshold on dequantized |w|
     sess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"x": np.ones((2, 64), np.float32)})[0].shape == (2, 32)
+
+
+def test_matmulinteger_scales_that_cannot_be_read_say_why():
+    q = numpy_helper.from_array(np.ones((64, 32), np.int8), "Wq")
+
+    def model(scale_inputs, inits):
+        nodes = [helper.make_node("MatMulInteger", ["x", "Wq"], ["acc"]),
+                 helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+                 helper.make_node("Mul", scale_inputs, ["s"]),
+                 helper.make_node("Mul", ["accf", "s"], ["y"])]
+        g = helper.make_graph(nodes, "g", [vi("x", [1, 64], TensorProto.UINT8)], [vi("y", [1, 32])], [q] + inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    two = model(["a", "b"], [numpy_helper.from_array(np.array(0.1, np.float32), n) for n in ("a", "b")])
+    assert mp.inspect_model(two).skipped[0].reason == (
+        "int8 weight of MatMulInteger: the Mul that scales its output multiplies two constants: which is the "
+        "weight's scale is unknown, so it is not pruned")
+    wrong = model(["a", "b"], [numpy_helper.from_array(np.ones(7, np.float32), "b")])
+    wrong.graph.input.append(vi("a", []))
+    assert mp.inspect_model(wrong).skipped[0].reason == (
+        "int8 weight of MatMulInteger: the scale of shape [7] is neither per tensor nor per output column, "
+        "so it is not pruned")
