@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
 
 from .graph_index import GraphIndex, Value
 from .tensor_data import FLOAT_TYPES, dtype_name
@@ -64,7 +65,7 @@ class Shrink:
 
     tensor: str
     axis: int
-    role: str  # "producer", "producer bias", "chain", "consumer"
+    role: str  # "producer", "producer bias", "chain", "consumer", "shape" (a Reshape's last target dim)
     block: int = 1
 
 
@@ -147,6 +148,12 @@ def _const_problem(v: Value, include_overridable: bool) -> str | None:
     return None
 
 
+def _const_problem_shape(v: Value, include_overridable: bool) -> str | None:
+    if v.overridable and not include_overridable:
+        return "overridable"
+    return "bound more than once" if v.duplicate else None
+
+
 def _layer_weight(node: onnx.NodeProto, index: GraphIndex) -> tuple[Value | None, str | None]:
     """The constant weight of a MatMul (B) / Gemm (B) / Conv (W) node, with its layout."""
     op = node.op_type
@@ -216,6 +223,9 @@ class _Walker:
         problem = _const_problem(v, self.include_overridable)
         if problem:
             raise _Stop(f"its bias {problem}")
+        if len(v.uses) != 1:  # e.g. exporters that merge equal (zero) biases read one through Identity elsewhere
+            other = next(u for u in v.uses if u.node is not node)
+            raise _Stop(f"its bias '{v.name}' is also read by {other.describe()}")
         dims = tuple(v.tensor.dims)
         if node.op_type == "Conv":
             if dims != (units,):
@@ -316,6 +326,10 @@ class _Walker:
             return [(node.output[0], state)]
         if op == "Flatten":
             return self._flatten(g, node, state)
+        if op == "Reshape":
+            return self._reshape(g, node, slot, state)
+        if op == "Shape" and (self._leading_dims_only(node, state) or self._feeds_own_reshape(node, name)):
+            return []  # reads dimensions for reshapes that stay consistent (GPT-2's x.size()[:-1], x.size(-1))
         template = _WHY_NOT.get(op)
         if template:
             raise _Stop(template.format(name=_label(node)))
@@ -389,6 +403,137 @@ class _Walker:
         if state.flat:
             raise _Stop(f"per-unit constant '{v.name}' after Flatten")
         g.shrinks.append(Shrink(v.name, axis, "chain"))
+
+    def _reshape(self, g: UnitGroup, node: onnx.NodeProto, slot: int, state: _State):
+        """A Reshape that keeps the channels as the last axis, its last target dimension a constant equal
+        to the unit count (GPT-2's Conv1D: [N*T, C] -> [N, T, C] around a Gemm), directly or as the last
+        1-element input of a Concat: that constant is cut too (role "shape").  Anything else (a split
+        into attention heads) stops the group."""
+        why = _Stop(_WHY_NOT["Reshape"].format(name=_label(node)))
+        if slot != 0 or state.axis != -1 or state.flat or len(node.input) < 2 or _attr(node, "allowzero", 0):
+            raise why
+        const, count = self._last_dim(node), None
+        if const is not None:
+            count = int(numpy_helper.to_array(const.tensor).reshape(-1)[-1])
+            if count != g.units:
+                raise why
+            g.shrinks.append(Shrink(const.name, 0, "shape"))
+        elif not self._last_dim_is_own(node):
+            raise why
+        g.chain.append("Reshape")
+        return [(node.output[0], _State(axis=-1, rank=self._target_rank(node)))]
+
+    def _target_rank(self, node: onnx.NodeProto) -> int | None:
+        """The rank a Reshape produces, when its shape is a constant vector or a Concat of 1-element
+        parts (constants of one element, Unsqueeze of a Gather of one index), else None."""
+        v = self.index.input_value(node, 1)
+        if v is not None and v.kind in ("initializer", "constant") and len(v.tensor.dims) == 1:
+            return int(v.tensor.dims[0])
+        src = v.node if v is not None and v.kind == "node_output" else None
+        if src is None or src.op_type != "Concat":
+            return None
+        for i in range(len(src.input)):
+            part = self.index.input_value(src, i)
+            if part is None:
+                return None
+            if part.kind in ("initializer", "constant"):
+                if int(np.prod(part.tensor.dims)) != 1:
+                    return None
+                continue
+            u = part.node if part.kind == "node_output" else None
+            gather = self.index.input_value(u, 0) if u is not None and u.op_type == "Unsqueeze" else None
+            gnode = gather.node if gather is not None and gather.kind == "node_output" else None
+            index = self.index.input_value(gnode, 1) if gnode is not None and gnode.op_type == "Gather" else None
+            if index is None or index.kind not in ("initializer", "constant") or list(index.tensor.dims):
+                return None  # one element only when a scalar index is gathered and unsqueezed
+        return len(src.input)
+
+    _SHAPE_OPS = frozenset({"Slice", "Squeeze", "Unsqueeze", "Gather", "Concat", "Cast"})
+
+    def _feeds_own_reshape(self, node: onnx.NodeProto, name: str) -> bool:
+        """Whether this Shape of ``name`` only feeds (through Slice/Squeeze/Unsqueeze/Gather/Concat/Cast)
+        the target shape of Reshapes of ``name`` itself: its sizes change with the units, consistently."""
+        seen, queue, found = set(), [node.output[0]], False
+        while queue:
+            value = self.outputs.get(queue.pop())
+            if value is None or not value.uses:
+                return False
+            for use in value.uses:
+                n = use.node
+                if n is None or n.domain not in ("", "ai.onnx"):
+                    return False
+                if n.op_type == "Reshape" and use.slot == 1 and n.input[0] == name:
+                    found = True
+                elif n.op_type in self._SHAPE_OPS and id(n) not in seen:
+                    seen.add(id(n))
+                    queue.append(n.output[0])
+                elif n.op_type not in self._SHAPE_OPS:
+                    return False
+        return found
+
+    def _last_dim_is_own(self, node: onnx.NodeProto) -> bool:
+        """Whether a Reshape's last target dimension is its input's own last dimension, read at run time:
+        the last part of a Concat that is ``Slice(Shape(x), -1, end)`` or ``Gather(Shape(x), -1)`` (through
+        Squeeze/Unsqueeze/Cast), ``x`` being the Reshape's input."""
+        v = self.index.input_value(node, 1)
+        src = v.node if v is not None and v.kind == "node_output" else None
+        if src is None or src.op_type != "Concat" or not src.input:
+            return False
+        part = self.index.input_value(src, len(src.input) - 1)
+        while part is not None and part.kind == "node_output" and part.node.op_type in ("Squeeze", "Unsqueeze", "Cast"):
+            part = self.index.input_value(part.node, 0)
+        pick = part.node if part is not None and part.kind == "node_output" else None
+        if pick is None or pick.op_type not in ("Slice", "Gather"):
+            return False
+        shape = self.index.input_value(pick, 0)
+        if shape is None or shape.kind != "node_output" or shape.node.op_type != "Shape" \
+                or shape.node.input[0] != node.input[0] or any(a.name in ("start", "end") for a in shape.node.attribute):
+            return False
+        consts = [self.index.input_value(pick, i) for i in range(1, len(pick.input))]
+        if any(c is None or c.kind not in ("initializer", "constant") for c in consts):
+            return False
+        vals = [numpy_helper.to_array(c.tensor).reshape(-1).tolist() for c in consts]
+        if pick.op_type == "Gather":
+            return vals[0] == [-1]
+        return vals[0] == [-1] and vals[1][0] >= 2 ** 31 and (len(vals) < 3 or vals[2] == [0]) \
+            and (len(vals) < 4 or vals[3] == [1])
+
+    def _leading_dims_only(self, node: onnx.NodeProto, state: _State) -> bool:
+        """Whether every read of this Shape's output is a Gather of one constant index that is not the
+        channel axis (the last, of a known rank)."""
+        if state.axis != -1 or state.rank is None or any(a.name in ("start", "end") for a in node.attribute):
+            return False
+        out = self.index.outputs_of(node)[0]
+        if out is None or not out.uses:
+            return out is not None
+        for use in out.uses:
+            if use.node is None or use.op != ("", "Gather") or use.slot != 0 or _attr(use.node, "axis", 0) != 0:
+                return False
+            index = self.index.input_value(use.node, 1)
+            if index is None or index.kind not in ("initializer", "constant") or list(index.tensor.dims):
+                return False
+            i = int(numpy_helper.to_array(index.tensor))
+            if (i % state.rank if -state.rank <= i < state.rank else None) in (None, state.rank - 1):
+                return False
+        return True
+
+    def _last_dim(self, node: onnx.NodeProto) -> Value | None:
+        """The constant holding a Reshape's last target dimension, read by nothing else, or None."""
+        v = self.index.input_value(node, 1)
+        if v is None or len(v.uses) != 1:
+            return None
+        if v.kind in ("initializer", "constant"):
+            return v if v.tensor.data_type == TensorProto.INT64 and len(v.tensor.dims) == 1 \
+                and not _const_problem_shape(v, self.include_overridable) else None
+        src = v.node if v.kind == "node_output" else None
+        if src is None or src.op_type != "Concat" or src.domain not in ("", "ai.onnx") or not src.input:
+            return None
+        last = self.index.input_value(src, len(src.input) - 1)
+        if last is None or len(last.uses) != 1 or last.kind not in ("initializer", "constant") \
+                or last.tensor.data_type != TensorProto.INT64 or list(last.tensor.dims) != [1] \
+                or _const_problem_shape(last, self.include_overridable):
+            return None
+        return last
 
     def _flatten(self, g: UnitGroup, node: onnx.NodeProto, state: _State):
         if _attr(node, "axis", 1) != 1 or state.rank is None or state.axis != -(state.rank - 1):

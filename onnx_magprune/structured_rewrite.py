@@ -2,7 +2,8 @@
 
 ``remove`` cuts every tensor of each group along its axis (the producer's
 output columns/channels and bias, every per-channel constant on the chain,
-the consumer's input rows/channels, in blocks after Flatten) and drops the
+the consumer's input rows/channels, in blocks after Flatten), lowers the last
+entry of a Reshape's target shape on the chain by the units removed, and drops the
 stale ``value_info`` of the activations whose channel count changed.
 ``mask`` leaves every shape alone and zeroes the consumers' input slices of
 the removed units instead: the reference that the removed model must match.
@@ -20,6 +21,9 @@ import onnx
 from onnx import numpy_helper
 
 from .structured import UnitGroup
+
+
+_SHAPE = object()  # marks the cut of a Reshape's target shape (its last entry loses the removed units)
 
 
 def unit_indices(removed: np.ndarray, block: int) -> np.ndarray:
@@ -62,6 +66,9 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
         for s in group.shrinks:
             if mode == "mask" and s.role != "consumer":
                 continue
+            if s.role == "shape":  # a Reshape's last target dimension: the unit count, lowered
+                cuts.setdefault(s.tensor, []).append((_SHAPE, removed))
+                continue
             cuts.setdefault(s.tensor, []).append((s.axis, unit_indices(removed, s.block)))
     for name in dict.fromkeys(list(values) + list(cuts)):
         tensor = protos[name]
@@ -70,7 +77,10 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
         if array.shape != original.shape:
             raise ValueError(f"new values for '{name}' have shape {array.shape}, expected {original.shape}")
         for axis, idx in cuts.get(name, []):
-            if mode == "mask":
+            if axis is _SHAPE:
+                array = array.copy()
+                array.reshape(-1)[-1] -= len(idx)
+            elif mode == "mask":
                 array = array.copy()
                 sl = [slice(None)] * array.ndim
                 sl[axis] = idx

@@ -270,6 +270,63 @@ def test_min_units_and_global_vs_local_counts():
     assert all(g["selection"] == "global" for g in glob.structured["groups"])
 
 
+def gpt2_conv1d_mlp(shared_bias=False):
+    """GPT-2's MLP as its TorchScript export writes it: Conv1D is view(-1, C) -> addmm (Gemm) -> view(*x.size()[:-1], nf),
+    with the sizes read by Shape at run time (leading dims, and the activation's own last dim)."""
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    inits = [_init(_w((8, 16), 1), "W1"), _init(_w((16,), 2), "b1"), _init(_w((16, 8), 3), "W2"), _init(_w((8,), 4), "b2"),
+             i64("flat8", [-1, 8]), i64("nf16", [16]), i64("nf8", [8]), i64("zero", 0), i64("one", 1), i64("ax0", [0]),
+             i64("minus1", [-1]), i64("minus1b", [-1]), i64("end", [2 ** 63 - 1]), i64("zero_ax", [0]), i64("zero2", 0),
+             i64("one2", 1), i64("ax0b", [0]), i64("ax0c", [0]), i64("ax0d", [0]), i64("ax0e", [0])]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["sx"]),
+        helper.make_node("Gather", ["sx", "zero"], ["n"], axis=0), helper.make_node("Unsqueeze", ["n", "ax0"], ["un"]),
+        helper.make_node("Gather", ["sx", "one"], ["t"], axis=0), helper.make_node("Unsqueeze", ["t", "ax0b"], ["ut"]),
+        helper.make_node("Reshape", ["x", "flat8"], ["x2"]),
+        helper.make_node("Gemm", ["x2", "W1", "b1"], ["h2"]),
+        helper.make_node("Concat", ["un", "ut", "nf16"], ["shape_h"], axis=0),
+        helper.make_node("Reshape", ["h2", "shape_h"], ["h"]),
+        helper.make_node("Tanh", ["h"], ["a"]),
+        helper.make_node("Shape", ["a"], ["sa"]),  # x.size()[:-1] for the output view: leading dims only
+        helper.make_node("Gather", ["sa", "zero2"], ["n2"], axis=0), helper.make_node("Unsqueeze", ["n2", "ax0c"], ["un2"]),
+        helper.make_node("Gather", ["sa", "one2"], ["t2"], axis=0), helper.make_node("Unsqueeze", ["t2", "ax0d"], ["ut2"]),
+        helper.make_node("Shape", ["a"], ["sa_last"]),  # x.size(-1) for view(-1, x.size(-1))
+        helper.make_node("Slice", ["sa_last", "minus1b", "end", "zero_ax"], ["last"]),
+        helper.make_node("Concat", ["minus1", "last"], ["shape_a2"], axis=0),
+        helper.make_node("Reshape", ["a", "shape_a2"], ["a2"]),
+        helper.make_node("Gemm", ["a2", "W2", "b2"], ["y2"]),
+        helper.make_node("Concat", ["un2", "ut2", "nf8"], ["shape_y"], axis=0),
+        helper.make_node("Reshape", ["y2", "shape_y"], ["y"]),
+    ]
+    return make_model(nodes, [vi("x", ["N", "T", 8])], [vi("y", ["N", "T", 8])], inits)
+
+
+def test_gpt2_conv1d_reshapes_are_followed_and_their_sizes_cut():
+    model = gpt2_conv1d_mlp()
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    groups = rep.structured["groups"]
+    assert [(g["producer"], g["units_after"], g["chain"]) for g in groups] == [("W1", 8, ["Reshape", "Tanh", "Reshape"])]
+    assert tensor_by_name(pruned, "nf16").tolist() == [8] and tensor_by_name(pruned, "W2").shape == (8, 8)
+    assert tensor_by_name(pruned, "flat8").tolist() == [-1, 8] and tensor_by_name(pruned, "nf8").tolist() == [8]
+    _check_equal(model, pruned, rep, {"x": _w((2, 3, 8), 42)})
+    # the same size constant read by another Reshape, or a last dim other than the units: not followed
+    other = gpt2_conv1d_mlp()
+    other.graph.node.append(helper.make_node("Reshape", ["x", "nf16"], ["spare"]))
+    _, rep = prune_model(other, 0.5, "local", structured=S, min_numel=0)
+    assert rep.structured["groups"] == [] and any("reaches Reshape" in s["reason"] for s in rep.structured["skipped"])
+
+
+def test_a_producer_bias_read_elsewhere_stops_its_group():
+    """Exporters that merge equal (zero) biases read one Gemm's C through Identity in another layer."""
+    nodes = [helper.make_node("Gemm", ["x", "W0", "b0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W1"], ["y"]), helper.make_node("Identity", ["b0"], ["b0_copy"])]
+    model = make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 4]), vi("b0_copy", None)],
+                       [_init(_w((8, 16), 1), "W0"), _init(_w((16,), 2), "b0"), _init(_w((16, 4), 3), "W1")])
+    _, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    assert rep.structured["groups"] == []
+    assert rep.structured["skipped"][0]["reason"] == "its bias 'b0' is also read by Identity input 0"
+
+
 def test_global_without_data_compares_layers_relative_to_their_own_scale():
     model = mlp((8, 32, 32, 4))
     for t in model.graph.initializer:
