@@ -138,20 +138,14 @@ def _constant(index: GraphIndex, node: onnx.NodeProto, slot: int) -> Value | Non
     return v
 
 
-def _const_problem(v: Value, include_overridable: bool) -> str | None:
+def _const_problem(v: Value, include_overridable: bool, *, need_float: bool = True) -> str | None:
     if v.overridable and not include_overridable:
         return f"'{v.name}' is an initializer that is also a graph input (callers can override it)"
     if v.duplicate:
         return f"'{v.name}' is bound more than once"
-    if v.tensor.data_type not in FLOAT_TYPES:
+    if need_float and v.tensor.data_type not in FLOAT_TYPES:
         return f"'{v.name}' is {dtype_name(v.tensor.data_type)}, not floating point"
     return None
-
-
-def _const_problem_shape(v: Value, include_overridable: bool) -> str | None:
-    if v.overridable and not include_overridable:
-        return "overridable"
-    return "bound more than once" if v.duplicate else None
 
 
 def _layer_weight(node: onnx.NodeProto, index: GraphIndex) -> tuple[Value | None, str | None]:
@@ -524,14 +518,14 @@ class _Walker:
             return None
         if v.kind in ("initializer", "constant"):
             return v if v.tensor.data_type == TensorProto.INT64 and len(v.tensor.dims) == 1 \
-                and not _const_problem_shape(v, self.include_overridable) else None
+                and not _const_problem(v, self.include_overridable, need_float=False) else None
         src = v.node if v.kind == "node_output" else None
         if src is None or src.op_type != "Concat" or src.domain not in ("", "ai.onnx") or not src.input:
             return None
         last = self.index.input_value(src, len(src.input) - 1)
         if last is None or len(last.uses) != 1 or last.kind not in ("initializer", "constant") \
                 or last.tensor.data_type != TensorProto.INT64 or list(last.tensor.dims) != [1] \
-                or _const_problem_shape(last, self.include_overridable):
+                or _const_problem(last, self.include_overridable, need_float=False):
             return None
         return last
 
