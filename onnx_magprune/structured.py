@@ -91,6 +91,7 @@ class UnitGroup:
     shrinks: list[Shrink] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     chain: list[str] = field(default_factory=list)  # op types between producer and consumers
+    co_producers: list[str] = field(default_factory=list)  # the other weight of a gated pair, cut with it
     channel_tensors: list[str] = field(default_factory=list)  # activations whose channel count changes
 
     def tensors(self) -> list[str]:
@@ -266,6 +267,13 @@ class _Walker:
             progressed = False
             for key, node in list(pending.items()):
                 slot = next(i for i, n in enumerate(node.input) if n in states)
+                other = node.input[1 - slot] if node.op_type == "Mul" and len(node.input) == 2 else None
+                if other is not None and other not in states:  # a gated pair: act(x W_gate) * (x W_up)
+                    path = self._co_producer(g, other, states[node.input[slot]], node)
+                    if path is not None:
+                        for name in path:
+                            states[name] = states[node.input[slot]]
+                            g.channel_tensors.append(name)
                 outs = self._step(g, node, slot, node.input[slot], states)
                 if outs is not None:
                     done.add(key)
@@ -282,6 +290,68 @@ class _Walker:
             other = next(n for n in node.input if n and n not in states)
             kind = "a residual Add" if node.op_type in ("Add", "Sub") else f"{node.op_type}"
             raise _Stop(f"it reaches {kind} '{_label(node)}' with another branch ('{other}')")
+
+    def _co_producer(self, g: UnitGroup, name: str, state: _State, gate: onnx.NodeProto) -> list[str] | None:
+        """The other producer of a gated pair: ``name`` (an operand of the Mul ``gate``) computed from
+        one MatMul/Gemm with a constant weight of the same unit count through element-wise ops (constant,
+        per-unit or same-branch operands, so SiLU's ``h * sigmoid(h)`` too), read nowhere else.  Its
+        weight, bias and per-unit constants join the group's cuts; the tensors on the way are returned.
+        None when ``name`` is not such a branch."""
+        path: list[str] = []
+        nodes: dict[int, onnx.NodeProto] = {}
+        shrinks: list[Shrink] = []
+        producer = None
+        queue = [name]
+        while queue:
+            cur = queue.pop()
+            if cur in path:
+                continue
+            v = self.outputs.get(cur)
+            if v is None or v.node.domain not in ("", "ai.onnx") or len(path) > 64:
+                return None
+            node = v.node
+            path.append(cur)
+            nodes[id(node)] = node
+            if node.op_type in ("MatMul", "Gemm"):
+                weight, layout = _layer_weight(node, self.index)
+                if weight is None or len(weight.uses) != 1 or _const_problem(weight, self.include_overridable) \
+                        or weight.tensor.dims[_out_axis(layout)] != g.units or (producer not in (None, node)):
+                    return None
+                producer = node
+                continue
+            if node.op_type in UNARY and len([i for i in node.input if i]) == 1:
+                queue.append(node.input[0])
+                continue
+            if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
+                consts = [i for i in (0, 1) if _constant(self.index, node, i) is not None]
+                if len(consts) == 1:
+                    trial = UnitGroup(g.producer, g.producer_op, g.node, g.units)
+                    try:
+                        self._per_channel(trial, node, consts[0], state, exact_1d=False)
+                    except _Stop:
+                        return None
+                    shrinks += trial.shrinks
+                    queue.append(node.input[1 - consts[0]])
+                elif not consts:
+                    queue += list(node.input)
+                else:
+                    return None
+                continue
+            return None
+        if producer is None:
+            return None
+        for cur in path:  # the branch is read only inside itself and by the gate
+            if any(u.node is None or (id(u.node) not in nodes and u.node is not gate) for u in self.outputs[cur].uses):
+                return None
+        weight, layout = _layer_weight(producer, self.index)
+        trial = UnitGroup(weight.name, producer.op_type, producer, g.units)
+        try:
+            self._producer_bias(trial, producer, g.units)
+        except _Stop:
+            return None
+        g.shrinks += [Shrink(weight.name, _out_axis(layout), "producer")] + shrinks + trial.shrinks
+        g.co_producers.append(weight.name)
+        return [p for p in path if p != producer.output[0]] + [producer.output[0]]
 
     def _value(self, name: str) -> Value:
         if name in self.outputs:
@@ -617,8 +687,8 @@ def find_groups(model: onnx.ModelProto, index: GraphIndex | None = None, *,
         if node.domain not in ("", "ai.onnx"):
             continue
         weight, layout = _layer_weight(node, index)
-        if weight is None:
-            continue
+        if weight is None or any(weight.name in g.co_producers for g in groups):
+            continue  # (the other half of a gated pair is cut with its group)
         units = weight.tensor.dims[_out_axis(layout)]
         try:
             groups.append(walker.group(node, weight, layout))

@@ -492,6 +492,7 @@ class StructuredRun:
             groups.append({
                 "producer": g.producer, "producer_op": g.producer_op,
                 "consumers": [c.weight for c in g.consumers], "chain": g.chain, "tensors": g.tensors(),
+                "co_producers": list(g.co_producers),
                 "units_before": g.units, "units_after": g.units - len(gr.removed),
                 "removed_units": [int(i) for i in gr.removed],
                 "params_before": before, "params_after": after,

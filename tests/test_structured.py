@@ -316,6 +316,27 @@ def test_gpt2_conv1d_reshapes_are_followed_and_their_sizes_cut():
     assert rep.structured["groups"] == [] and any("reaches Reshape" in s["reason"] for s in rep.structured["skipped"])
 
 
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_gated_feed_forward_pairs_are_cut_together(gate_first):
+    """LLaMA's SwiGLU: down(silu(x W_gate) * (x W_up + b_up)); the two producers' units meet in a Mul."""
+    gate = [helper.make_node("MatMul", ["x", "Wg"], ["g"]), helper.make_node("Sigmoid", ["g"], ["sg"]),
+            helper.make_node("Mul", ["g", "sg"], ["silu"])]
+    up = [helper.make_node("MatMul", ["x", "Wu"], ["u0"]), helper.make_node("Add", ["u0", "bu"], ["u"])]
+    nodes = (gate + up if gate_first else up + gate) + [helper.make_node("Mul", ["silu", "u"], ["h"]),
+                                                      helper.make_node("MatMul", ["h", "Wd"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 8])],
+                       [_init(_w((8, 16), 1), "Wg"), _init(_w((8, 16), 2), "Wu"), _init(_w((16,), 3), "bu"),
+                        _init(_w((16, 8), 4), "Wd")])
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    (group,) = rep.structured["groups"]
+    first, second = ("Wg", "Wu") if gate_first else ("Wu", "Wg")
+    assert group["producer"] == first and group["co_producers"] == [second]
+    assert set(group["tensors"]) == {"Wg", "Wu", "bu", "Wd"}
+    assert group["units_after"] == 8 and second not in {s["producer"] for s in rep.structured["skipped"]}
+    assert [tensor_by_name(pruned, n).shape for n in ("Wg", "Wu", "bu", "Wd")] == [(8, 8), (8, 8), (8,), (8, 8)]
+    _check_equal(model, pruned, rep, {"x": _w((5, 8), 42)})
+
+
 def test_a_producer_bias_read_elsewhere_stops_its_group():
     """Exporters that merge equal (zero) biases read one Gemm's C through Identity in another layer."""
     nodes = [helper.make_node("Gemm", ["x", "W0", "b0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
