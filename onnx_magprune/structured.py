@@ -267,7 +267,9 @@ class _Walker:
             progressed = False
             for key, node in list(pending.items()):
                 slot = next(i for i, n in enumerate(node.input) if n in states)
-                other = node.input[1 - slot] if node.op_type == "Mul" and len(node.input) == 2 else None
+                other = node.input[1 - slot] if node.op_type == "Mul" and len(node.input) == 2 \
+                    and g.producer_op in ("MatMul", "Gemm") and states[node.input[slot]].axis == -1 \
+                    and not states[node.input[slot]].flat else None
                 if other is not None and other not in states:  # a gated pair: act(x W_gate) * (x W_up)
                     path = self._co_producer(g, other, states[node.input[slot]], node)
                     if path is not None:
@@ -312,6 +314,8 @@ class _Walker:
             node = v.node
             path.append(cur)
             nodes[id(node)] = node
+            if any(o is not None and o.uses for o in self.index.outputs_of(node)[1:]):
+                return None  # e.g. a Dropout mask read elsewhere
             if node.op_type in ("MatMul", "Gemm"):
                 weight, layout = _layer_weight(node, self.index)
                 if weight is None or len(weight.uses) != 1 or _const_problem(weight, self.include_overridable) \
@@ -476,6 +480,8 @@ class _Walker:
         why = _Stop(_WHY_NOT["Reshape"].format(name=_label(node)))
         if slot != 0 or state.axis != -1 or state.flat or len(node.input) < 2 or _attr(node, "allowzero", 0):
             raise why
+        if not self._no_copied_dims(node):
+            raise why
         const, count = self._last_dim(node), None
         if const is not None:
             count = int(numpy_helper.to_array(const.tensor).reshape(-1)[-1])
@@ -515,25 +521,46 @@ class _Walker:
     _SHAPE_OPS = frozenset({"Slice", "Squeeze", "Unsqueeze", "Gather", "Concat", "Cast"})
 
     def _feeds_own_reshape(self, node: onnx.NodeProto, name: str) -> bool:
-        """Whether this Shape of ``name`` only feeds (through Slice/Squeeze/Unsqueeze/Gather/Concat/Cast)
-        the target shape of Reshapes of ``name`` itself: its sizes change with the units, consistently."""
-        seen, queue, found = set(), [node.output[0]], False
-        while queue:
-            value = self.outputs.get(queue.pop())
-            if value is None or not value.uses:
+        """Whether this Shape of ``name`` is read only as ``name``'s own last dimension for Reshapes of
+        ``name`` itself: each read is ``Slice(shape, -1, end)`` or ``Gather(shape, -1)``, then
+        Squeeze/Unsqueeze/Cast, then the last part of a Concat that only a Reshape of ``name`` reads
+        as its target (GPT-2's ``view(-1, x.size(-1))``): that size changes with the units, consistently."""
+        out = self.outputs.get(node.output[0])
+        if out is None or not out.uses:
+            return False
+        for use in out.uses:
+            pick = use.node
+            if pick is None or use.slot != 0 or not self._picks_last(pick):
                 return False
-            for use in value.uses:
-                n = use.node
-                if n is None or n.domain not in ("", "ai.onnx"):
-                    return False
-                if n.op_type == "Reshape" and use.slot == 1 and n.input[0] == name:
-                    found = True
-                elif n.op_type in self._SHAPE_OPS and id(n) not in seen:
-                    seen.add(id(n))
-                    queue.append(n.output[0])
-                elif n.op_type not in self._SHAPE_OPS:
-                    return False
-        return found
+            cur = self.outputs.get(pick.output[0])
+            while cur is not None and len(cur.uses) == 1 and cur.uses[0].node is not None \
+                    and cur.uses[0].node.op_type in ("Squeeze", "Unsqueeze", "Cast") and cur.uses[0].slot == 0:
+                cur = self.outputs.get(cur.uses[0].node.output[0])
+            if cur is None or len(cur.uses) != 1 or cur.uses[0].node is None:
+                return False
+            concat = cur.uses[0].node
+            if concat.op_type != "Concat" or cur.uses[0].slot != len(concat.input) - 1:
+                return False
+            shape = self.outputs.get(concat.output[0])
+            if shape is None or len(shape.uses) != 1 or shape.uses[0].node is None:
+                return False
+            reshape = shape.uses[0].node
+            if reshape.op_type != "Reshape" or shape.uses[0].slot != 1 or reshape.input[0] != name:
+                return False
+        return True
+
+    def _picks_last(self, pick: onnx.NodeProto) -> bool:
+        """Whether ``pick`` (reading a shape vector) is ``Slice(-1, end)`` or ``Gather(-1)``."""
+        if pick.domain not in ("", "ai.onnx") or pick.op_type not in ("Slice", "Gather"):
+            return False
+        consts = [self.index.input_value(pick, i) for i in range(1, len(pick.input))]
+        if not consts or any(c is None or c.kind not in ("initializer", "constant") for c in consts):
+            return False
+        vals = [numpy_helper.to_array(c.tensor).reshape(-1).tolist() for c in consts]
+        if pick.op_type == "Gather":
+            return vals[0] == [-1] and _attr(pick, "axis", 0) == 0
+        return len(vals) >= 2 and vals[0] == [-1] and vals[1][0] >= 2 ** 31 and (len(vals) < 3 or vals[2] == [0]) \
+            and (len(vals) < 4 or vals[3] == [1])
 
     def _last_dim_is_own(self, node: onnx.NodeProto) -> bool:
         """Whether a Reshape's last target dimension is its input's own last dimension, read at run time:
@@ -553,14 +580,7 @@ class _Walker:
         if shape is None or shape.kind != "node_output" or shape.node.op_type != "Shape" \
                 or shape.node.input[0] != node.input[0] or any(a.name in ("start", "end") for a in shape.node.attribute):
             return False
-        consts = [self.index.input_value(pick, i) for i in range(1, len(pick.input))]
-        if any(c is None or c.kind not in ("initializer", "constant") for c in consts):
-            return False
-        vals = [numpy_helper.to_array(c.tensor).reshape(-1).tolist() for c in consts]
-        if pick.op_type == "Gather":
-            return vals[0] == [-1]
-        return vals[0] == [-1] and vals[1][0] >= 2 ** 31 and (len(vals) < 3 or vals[2] == [0]) \
-            and (len(vals) < 4 or vals[3] == [1])
+        return self._picks_last(pick)
 
     def _leading_dims_only(self, node: onnx.NodeProto, state: _State) -> bool:
         """Whether every read of this Shape's output is a Gather of one constant index that is not the
@@ -578,6 +598,19 @@ class _Walker:
                 return False
             i = int(numpy_helper.to_array(index.tensor))
             if (i % state.rank if -state.rank <= i < state.rank else None) in (None, state.rank - 1):
+                return False
+        return True
+
+    def _no_copied_dims(self, node: onnx.NodeProto) -> bool:
+        """Whether no constant entry of a Reshape's target shape is 0 (a copy of the input's dimension
+        at that index, which may be the units'): with ``allowzero=0`` it would move with the removal."""
+        v = self.index.input_value(node, 1)
+        parts = [v]
+        if v is not None and v.kind == "node_output" and v.node.op_type == "Concat":
+            parts = [self.index.input_value(v.node, i) for i in range(len(v.node.input))]
+        for part in parts:
+            if part is not None and part.kind in ("initializer", "constant") \
+                    and (numpy_helper.to_array(part.tensor) == 0).any():
                 return False
         return True
 

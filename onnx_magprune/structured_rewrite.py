@@ -63,9 +63,13 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
         removed = np.asarray(removed, dtype=np.int64)
         if removed.size == 0:
             continue
+        seen: set[tuple[str, int, str]] = set()
         for s in group.shrinks:
             if mode == "mask" and s.role != "consumer":
                 continue
+            if (s.tensor, s.axis, s.role == "shape") in seen:  # one constant read twice on a chain: cut once
+                continue
+            seen.add((s.tensor, s.axis, s.role == "shape"))
             if s.role == "shape":  # a Reshape's last target dimension: the unit count, lowered
                 cuts.setdefault(s.tensor, []).append((_SHAPE, removed))
                 continue

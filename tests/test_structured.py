@@ -459,3 +459,50 @@ def test_external_data_is_rewritten_into_a_fresh_data_file(tmp_path):
     pruned = onnx.load(out)
     assert tensor_by_name(pruned, "C2").shape == (4, 3, 3, 3)
     _check_equal(model, pruned, rep, {"x": _w((2, 2, 8, 8), 3)})
+
+
+def _i64(values, name):
+    return numpy_helper.from_array(np.asarray(values, np.int64), name)
+
+
+def _stops(model):
+    _, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    return rep.structured["groups"] == []
+
+
+def test_reshapes_and_gates_that_would_move_the_units_stop_the_group():
+    w = [_init(_w((8, 16), 1), "W1"), _init(_w((16, 4), 3), "W2")]
+    head = [helper.make_node("MatMul", ["x", "W1"], ["h"])]
+    tail = [helper.make_node("Reshape", ["h", "shp"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["s"], axis=1), helper.make_node("Reshape", ["s", "back"], ["y"])]
+    io = ([vi("x", ["N", 8])], [vi("y", ["N", 4])])
+    # a 0 in the target copies the input's unit axis into axis 1
+    assert _stops(make_model(head + tail, *io, w + [_i64([-1, 0, 16], "shp"), _i64([-1, 4], "back")]))
+    # the units' own size read at run time but placed before the last axis: [-1, C, C]
+    own = [helper.make_node("Shape", ["h"], ["sh"]), helper.make_node("Gather", ["sh", "im1"], ["c"], axis=0),
+           helper.make_node("Unsqueeze", ["c", "ax0"], ["uc"]),
+           helper.make_node("Slice", ["sh", "sm1", "end", "ax0"], ["last"]),
+           helper.make_node("Concat", ["m1", "uc", "last"], ["shp"], axis=0)]
+    assert _stops(make_model(head + own + tail, *io, w + [_i64([-1], "m1"), _i64(-1, "im1"), _i64([0], "ax0"),
+                                                        _i64([-1], "sm1"), _i64([2 ** 63 - 1], "end"),
+                                                        _i64([-1, 4], "back")]))
+    # a Conv's units (axis 1) gated by a MatMul's (last axis) of the same count
+    conv = make_model([helper.make_node("Conv", ["x", "C1"], ["c"]), helper.make_node("MatMul", ["z", "Wu"], ["u"]),
+                       helper.make_node("Mul", ["c", "u"], ["h"]), helper.make_node("Conv", ["h", "C2"], ["y"])],
+                      [vi("x", ["N", 8, 16]), vi("z", ["N", 16, 8])], [vi("y", ["N", 4, 16])],
+                      [_init(_w((16, 8, 1), 1), "C1"), _init(_w((8, 16), 2), "Wu"), _init(_w((4, 16, 1), 3), "C2")])
+    assert _stops(conv)
+
+
+def test_a_constant_read_on_both_branches_of_a_gate_is_cut_once():
+    nodes = [helper.make_node("MatMul", ["x", "Wg"], ["g0"]), helper.make_node("Add", ["g0", "b"], ["g"]),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["silu"]),
+             helper.make_node("MatMul", ["x", "Wu"], ["u0"]), helper.make_node("Add", ["u0", "b"], ["u"]),
+             helper.make_node("Mul", ["silu", "u"], ["h"]), helper.make_node("MatMul", ["h", "Wd"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 8])],
+                       [_init(_w((8, 16), 1), "Wg"), _init(_w((8, 16), 2), "Wu"), _init(_w((16,), 3), "b"),
+                        _init(_w((16, 8), 4), "Wd")])
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    assert [g["co_producers"] for g in rep.structured["groups"]] == [["Wu"]]
+    assert tensor_by_name(pruned, "b").shape == (8,)
+    _check_equal(model, pruned, rep, {"x": _w((5, 8), 42)})
