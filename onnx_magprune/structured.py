@@ -290,6 +290,11 @@ class _Walker:
         if pending:
             node = next(iter(pending.values()))
             other = next(n for n in node.input if n and n not in states)
+            src = self.outputs.get(other)
+            if src is not None and src.node.op_type in ("Identity", "Cast") and src.node.input \
+                    and _constant(self.index, src.node, 0) is not None:  # exporters sharing equal (zero) biases
+                raise _Stop(f"it reaches {node.op_type} '{_label(node)}' whose other operand '{other}' is "
+                            f"{src.node.op_type} of the constant '{src.node.input[0]}', not a constant of its own")
             kind = "a residual Add" if node.op_type in ("Add", "Sub") else f"{node.op_type}"
             raise _Stop(f"it reaches {kind} '{_label(node)}' with another branch ('{other}')")
 

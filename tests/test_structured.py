@@ -506,3 +506,14 @@ def test_a_constant_read_on_both_branches_of_a_gate_is_cut_once():
     assert [g["co_producers"] for g in rep.structured["groups"]] == [["Wu"]]
     assert tensor_by_name(pruned, "b").shape == (8,)
     _check_equal(model, pruned, rep, {"x": _w((5, 8), 42)})
+
+
+def test_a_bias_computed_from_a_shared_constant_says_so():
+    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m"]), helper.make_node("Identity", ["b_shared"], ["b0"]),
+             helper.make_node("Add", ["m", "b0"], ["h"], name="bias_add"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W1"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 4])],
+                       [_init(_w((8, 16), 1), "W0"), _init(_w((16,), 2), "b_shared"), _init(_w((16, 4), 3), "W1")])
+    _, skipped = find_groups(model)
+    assert skipped[0].reason == ("it reaches Add 'bias_add' whose other operand 'b0' is Identity of the constant "
+                                 "'b_shared', not a constant of its own")
