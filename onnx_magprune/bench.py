@@ -28,8 +28,7 @@ from .model_io import count_params, iter_all_tensors
 from .progress import Progress
 from .folding import FoldCheck, can_check_in_session, check_on_cpu, decoder_weights, optimized_model_path, \
     unfolded_decoders
-from .runtime import BoundRunner, ModelRef, ProviderChoice, RuntimeFailure, available_providers, create_session, \
-    resolve_providers
+from .runtime import BoundRunner, ModelRef, ProviderChoice, available_providers, create_session, resolve_providers
 from .tensor_data import FLOAT_TYPES, TensorStore, dtype_name, numel
 from .validate import RuntimeOptions, _graph_of, _label
 
@@ -236,7 +235,8 @@ def bench_models(
             create_times[i].append(seconds)
     runners = [BoundRunner(s, feeds, choice.device, runtime.device_id) for s in sessions]
     latencies: list[list[float]] = [[] for _ in models]
-    try:
+    # a model that cannot run on these inputs: say why synthetic ones may not fit
+    with synthetic_hint(calib, model_inputs(graphs[0]), synthetic):
         for runner in runners:
             for _ in range(options.warmup):
                 runner()
@@ -248,11 +248,6 @@ def bench_models(
                     runners[i]()
                     latencies[i].append(time.perf_counter() - t0)
                 bar.update()
-    except RuntimeFailure as e:  # a model that cannot run on these inputs: say why synthetic ones may not fit
-        hint = synthetic_hint(calib, model_inputs(graphs[0]), synthetic)
-        if not hint:
-            raise
-        raise RuntimeFailure(f"{e}{hint}") from e
     rows = []
     notes_unfolded: list[str] = []
     for i, m in enumerate(models):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import MagpruneError
+from .runtime import RuntimeFailure
 
 
 class CalibrationError(MagpruneError):
@@ -348,13 +350,19 @@ def synthetic(specs: Sequence[InputSpec], spec: SyntheticSpec = SyntheticSpec())
                           _make=lambda bs: _slice_batches(arrays, None, n, bs, None), samples=n, notes=[note])
 
 
-def synthetic_hint(calib: CalibrationSet, specs: Sequence[InputSpec], spec: SyntheticSpec) -> str:
-    """What to add to an onnxruntime failure on ``calib`` when synthetic integers may be the cause."""
-    if not calib.synthetic or not any(s.dtype.kind in "iu" for s in specs):
-        return ""
-    lo, hi = spec.int_range
-    return (f" (the inputs are synthetic, integers drawn from [{lo}, {hi}): an index input such as "
-            "token_type_ids may need a narrower --int-range, e.g. 0,2, or pass --calibration)")
+@contextmanager
+def synthetic_hint(calib: CalibrationSet, specs: Sequence[InputSpec], spec: SyntheticSpec) -> Iterator[None]:
+    """Re-raise an onnxruntime failure inside with a hint when synthetic integers on ``calib`` may be
+    the cause (an index input such as token_type_ids beyond its table)."""
+    try:
+        yield
+    except RuntimeFailure as e:
+        if not calib.synthetic or not any(s.dtype.kind in "iu" for s in specs):
+            raise
+        lo, hi = spec.int_range
+        raise RuntimeFailure(f"{e} (the inputs are synthetic, integers drawn from [{lo}, {hi}): an index input "
+                             "such as token_type_ids may need a narrower --int-range, e.g. 0,2, or pass "
+                             "--calibration)") from e
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...], int_range) -> np.ndarray:

@@ -11,6 +11,7 @@ where keeping its name would overwrite the input's own data file.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -148,12 +149,7 @@ def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of every tensor of the model (initializers, attributes, subgraphs, local functions),
     a sparse tensor counted at its dense shape (not its stored values and indices)."""
-    def prod(dims) -> int:
-        n = 1
-        for d in dims:
-            n *= d
-        return n
-
+    prod = math.prod
     total = 0
     for g in iter_graphs(model, functions=True):
         total += sum(prod(t.dims) for t in getattr(g, "initializer", []))

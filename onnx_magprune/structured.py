@@ -149,19 +149,25 @@ def _const_problem(v: Value, include_overridable: bool, *, need_float: bool = Tr
     return None
 
 
+def _layout(node: onnx.NodeProto) -> str:
+    """The weight layout of a MatMul (B) / Gemm (B) / Conv (W) node."""
+    if node.op_type == "Gemm":
+        return "gemm_bt" if _attr(node, "transB", 0) else "gemm_b"
+    return "conv" if node.op_type == "Conv" else "matmul_b"
+
+
 def _layer_weight(node: onnx.NodeProto, index: GraphIndex) -> tuple[Value | None, str | None]:
     """The constant weight of a MatMul (B) / Gemm (B) / Conv (W) node, with its layout."""
     op = node.op_type
-    if op == "MatMul":
-        v = _constant(index, node, 1)
-        return (v, "matmul_b") if v is not None and len(v.tensor.dims) == 2 else (None, None)
-    if op == "Gemm":
-        v = _constant(index, node, 1)
-        return (v, "gemm_bt" if _attr(node, "transB", 0) else "gemm_b") if v is not None else (None, None)
-    if op == "Conv":
-        v = _constant(index, node, 1)
-        return (v, "conv") if v is not None and len(v.tensor.dims) >= 3 else (None, None)
-    return None, None
+    if op not in ("MatMul", "Gemm", "Conv"):
+        return None, None
+    v = _constant(index, node, 1)
+    if v is None:
+        return None, None
+    rank = len(v.tensor.dims)
+    if (op == "MatMul" and rank != 2) or (op == "Conv" and rank < 3):
+        return None, None
+    return v, _layout(node)
 
 
 def _out_axis(layout: str) -> int:
@@ -523,8 +529,6 @@ class _Walker:
                 return None  # one element only when a scalar index is gathered and unsqueezed
         return len(src.input)
 
-    _SHAPE_OPS = frozenset({"Slice", "Squeeze", "Unsqueeze", "Gather", "Concat", "Cast"})
-
     def _feeds_own_reshape(self, node: onnx.NodeProto, name: str) -> bool:
         """Whether this Shape of ``name`` is read only as ``name``'s own last dimension for Reshapes of
         ``name`` itself: each read is ``Slice(shape, -1, end)`` or ``Gather(shape, -1)``, then
@@ -741,11 +745,10 @@ _DECODING = ("Cast", "DequantizeLinear", "Transpose", "Reshape", "Identity")  # 
 
 
 def _units(op: str, node: onnx.NodeProto, dims) -> int:
+    """Output units of a MatMul/Gemm/Conv whose weight has ``dims`` (0 when unknown)."""
     if len(dims) < 2:
         return 0
-    if op == "Gemm":
-        return int(dims[0] if _attr(node, "transB", 0) else dims[1])
-    return int(dims[0] if op == "Conv" else dims[-1])
+    return int(dims[-1]) if op == "MatMul" else int(dims[_out_axis(_layout(node))])
 
 
 def _unreached_layers(model: onnx.ModelProto, index: GraphIndex) -> list[SkippedGroup]:

@@ -127,14 +127,9 @@ def validate_models(
     samples = 0
     with Progress("validating", calib.count_batches(batch_size), enabled=None if not quiet else False) as bar:
         for batch in calib.batches(batch_size):
-            try:
+            with synthetic_hint(calib, model_inputs(dense_graph), synthetic):
                 d_out = run(dense_sess, batch.feeds, "the dense model")
                 p_out = run(pruned_sess, batch.feeds, "the pruned model")
-            except RuntimeFailure as e:
-                hint = synthetic_hint(calib, model_inputs(dense_graph), synthetic)
-                if not hint:
-                    raise
-                raise RuntimeFailure(f"{e}{hint}") from e
             for n, d, p in zip(names, d_out, p_out):
                 drifts[n].update(d, p)
             if batch.labels is not None:
