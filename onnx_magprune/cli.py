@@ -159,9 +159,10 @@ _method_options = _compose(
                  help="Fraction of --calibration kept out of the statistics; validation runs on it."),
 )
 _structured_options = _compose(
-    click.option("--structured", type=click.Choice(["neurons", "channels"]), default=None,
-                 help="Remove whole units (MatMul/Gemm output neurons, Conv output channels) and shrink the graph; "
-                      "--sparsity is then the fraction of units removed."),
+    click.option("--structured", type=click.Choice(["neurons", "channels", "heads"]), default=None,
+                 help="Remove whole units (MatMul/Gemm output neurons, Conv output channels, or the attention "
+                      "heads of multi-head attention blocks) and shrink the graph; --sparsity is then the fraction "
+                      "of units removed."),
     click.option("--norm", type=click.Choice(["l1", "l2"]), default="l2", show_default=True,
                  help="--structured with --method magnitude: rank units by this norm of their weights."),
     click.option("--min-units", type=click.IntRange(min=1), default=1, show_default=True,

@@ -65,8 +65,8 @@ class Shrink:
 
     tensor: str
     axis: int
-    role: str  # "producer", "producer bias", "chain", "consumer", "shape" (a Reshape's last target dim)
-    block: int = 1
+    role: str  # "producer", "producer bias", "chain", "consumer", "shape" (a Reshape's target)
+    block: int = 1  # for "shape": ``axis`` is the entry of the target, lowered by ``block`` per removed unit
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,10 @@ class UnitGroup:
     chain: list[str] = field(default_factory=list)  # op types between producer and consumers
     co_producers: list[str] = field(default_factory=list)  # the other weight of a gated pair, cut with it
     channel_tensors: list[str] = field(default_factory=list)  # activations whose channel count changes
+    kind: str = "units"  # or "heads": an attention block (structured_heads), its units heads of ``block`` columns
+    # head groups: computed masks on the scores, (tensor, head axis from the end), whose size there
+    # must be 1 (checked on a run of the model: structured_run)
+    head_axis_checks: list[tuple[str, int]] = field(default_factory=list)
 
     def tensors(self) -> list[str]:
         return list(dict.fromkeys(s.tensor for s in self.shrinks))
@@ -498,7 +502,7 @@ class _Walker:
             count = int(numpy_helper.to_array(const.tensor).reshape(-1)[-1])
             if count != g.units:
                 raise why
-            g.shrinks.append(Shrink(const.name, 0, "shape"))
+            g.shrinks.append(Shrink(const.name, -1, "shape"))
         elif not self._last_dim_is_own(node):
             raise why
         g.chain.append("Reshape")

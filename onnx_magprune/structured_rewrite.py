@@ -2,8 +2,9 @@
 
 ``remove`` cuts every tensor of each group along its axis (the producer's
 output columns/channels and bias, every per-channel constant on the chain,
-the consumer's input rows/channels, in blocks after Flatten), lowers the last
-entry of a Reshape's target shape on the chain by the units removed, and drops the
+the consumer's input rows/channels, in blocks after Flatten or per attention
+head), lowers a unit count in a Reshape's target shape on the chain (its last
+entry, or an attention block's head count and width), and drops the
 stale ``value_info`` of the activations whose channel count changed.
 ``mask`` leaves every shape alone and zeroes the consumers' input slices of
 the removed units instead: the reference that the removed model must match.
@@ -70,8 +71,8 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
             if (s.tensor, s.axis, s.role == "shape") in seen:  # one constant read twice on a chain: cut once
                 continue
             seen.add((s.tensor, s.axis, s.role == "shape"))
-            if s.role == "shape":  # a Reshape's last target dimension: the unit count, lowered
-                cuts.setdefault(s.tensor, []).append((_SHAPE, removed))
+            if s.role == "shape":  # an entry of a Reshape's target (a unit count), lowered
+                cuts.setdefault(s.tensor, []).append((_SHAPE, (s.axis, len(removed) * s.block)))
                 continue
             cuts.setdefault(s.tensor, []).append((s.axis, unit_indices(removed, s.block)))
     for name in dict.fromkeys(list(values) + list(cuts)):
@@ -82,8 +83,9 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
             raise ValueError(f"new values for '{name}' have shape {array.shape}, expected {original.shape}")
         for axis, idx in cuts.get(name, []):
             if axis is _SHAPE:
+                entry, amount = idx
                 array = array.copy()
-                array.reshape(-1)[-1] -= len(idx)
+                array.reshape(-1)[entry] -= amount
             elif mode == "mask":
                 array = array.copy()
                 sl = [slice(None)] * array.ndim

@@ -42,6 +42,8 @@ from .report import PruneReport, Totals
 from .selection import target_count
 from .structured import Consumer, SkippedGroup, UnitGroup, find_groups
 from .structured_allocate import allocate
+from .structured_heads import find_head_groups
+from .structured_probe import failed_checks
 from .structured_refit import activation_scores, damping, lsq_refit, obs_remove, output_error
 from .structured_rewrite import rewrite, tensor_protos
 from .structured_select import global_counts, local_counts, norm_scores, smallest, unit_rows
@@ -54,7 +56,9 @@ from .structured_select import global_counts, local_counts, norm_scores, smalles
 ALLOCATION_LEVELS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 ALLOCATION_HOLDOUT = 0.3  # ... fitted on the first 70% of the statistics samples, measured on the rest
 SELECTION_DAMP = 0.1  # structured OBS selects units with this share of the re-fit's dampening
-UNITS = ("neurons", "channels")  # the same thing: output units of MatMul/Gemm, output channels of Conv
+# "neurons" and "channels" are the same thing (output units of MatMul/Gemm, output channels of Conv);
+# "heads" are the attention heads of multi-head attention blocks (structured_heads)
+UNITS = ("neurons", "channels", "heads")
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,14 @@ class StructuredRun:
         self.proto = proto
         self.params_before = _params(proto)
         self.bytes_before = proto.ByteSize()
-        groups, skipped = find_groups(proto, include_overridable=cfg.include_overridable)
+        if opts.unit == "heads":
+            groups, skipped = find_head_groups(proto, include_overridable=cfg.include_overridable)
+            failed = failed_checks(proto, groups, statistics)
+            skipped += [SkippedGroup(g.producer, g.producer_op, g.units, f"attention heads: {failed[i]}")
+                        for i, g in enumerate(groups) if i in failed]
+            groups = [g for i, g in enumerate(groups) if i not in failed]
+        else:
+            groups, skipped = find_groups(proto, include_overridable=cfg.include_overridable)
         self.skipped: list[SkippedGroup] = list(skipped)
         self.groups: list[_Group] = []
         protos = tensor_protos(proto)
@@ -181,8 +192,7 @@ class StructuredRun:
             self._calibrated(statistics)
         else:
             for gr in self.groups:
-                w = self._value(gr.group.producer)
-                scores = norm_scores(unit_rows(w, gr.group.shrinks[0].axis), opts.norm)
+                scores = norm_scores(self._unit_rows(gr), opts.norm)
                 gr.removed = smallest(scores, gr.count)
                 gr.info = {"criterion": "norm", "refit": False}
         self.before = {name: tuple(protos[name].dims) for gr in self.groups for name in gr.group.tensors()}
@@ -233,8 +243,7 @@ class StructuredRun:
         self.pool_target = target_count(self.cfg.sparsity, sum(gr.group.units for gr in self.pool)) \
             if self.pool else 0
         if self.pool and not self.calibrated:
-            scores = [norm_scores(unit_rows(self._value(gr.group.producer), gr.group.shrinks[0].axis),
-                                  self.opts.norm) for gr in self.pool]
+            scores = [norm_scores(self._unit_rows(gr), self.opts.norm) for gr in self.pool]
             # relative to each layer's mean: raw norms follow a layer's scale (PyTorch initialises with
             # 1/sqrt(fan-in)), so one pooled ranking would empty the widest layers first
             self._apply_global([sc / m if (m := float(np.mean(sc))) > 0 else sc for sc in scores])
@@ -246,6 +255,12 @@ class StructuredRun:
         if sum(counts) != self.pool_target:
             self.warnings.append(f"global selection removed {sum(counts)} units, not {self.pool_target}: "
                                  "bounds or min_units hold the rest")
+
+    def _unit_rows(self, gr: _Group) -> np.ndarray:
+        """``[units, fan]``: each unit's producer weights (for a head group, its Q, K and V columns)."""
+        g = gr.group
+        parts = [s for s in g.shrinks if s.role == "producer"] if g.kind == "heads" else [g.shrinks[0]]
+        return np.concatenate([unit_rows(self._value(s.tensor), s.axis, s.block) for s in parts], axis=1)
 
     def _value(self, name: str) -> np.ndarray:
         if name not in self.values:
@@ -451,15 +466,14 @@ class StructuredRun:
             if self.criterion == "activation":
                 scores = activation_scores(st.col_sq, w, cols)
             else:
-                scores = norm_scores(unit_rows(self._value(gr.group.producer), gr.group.shrinks[0].axis),
-                                     self.opts.norm)
+                scores = norm_scores(self._unit_rows(gr), self.opts.norm)
             removed = smallest(scores, count)
             new = lsq_refit(h, w, cols, removed, damp) if self.refit else _zero_rows(w, cols, removed)
         return removed, new, w, cols, parts, biased, damp
 
     def _select_refit(self, gr: _Group, st: LayerStats) -> None:
         if len({c.input_name for c in gr.group.consumers}) > 1:  # no single input to measure and re-fit on
-            scores = norm_scores(unit_rows(self._value(gr.group.producer), gr.group.shrinks[0].axis), self.opts.norm)
+            scores = norm_scores(self._unit_rows(gr), self.opts.norm)
             gr.removed = smallest(scores, gr.count)
             gr.info = {"criterion": "norm", "refit": False,
                        "fallback": "its consumers read the units through different ops"}

@@ -16,9 +16,11 @@ import numpy as np
 from .selection import target_count
 
 
-def unit_rows(w: np.ndarray, out_axis: int) -> np.ndarray:
-    """The producer weight as ``[units, fan]``: each row holds one unit's weights."""
-    return np.moveaxis(np.asarray(w), out_axis, 0).reshape(w.shape[out_axis], -1)
+def unit_rows(w: np.ndarray, out_axis: int, block: int = 1) -> np.ndarray:
+    """The producer weight as ``[units, fan]``: each row holds one unit's weights (``block``
+    consecutive indices along ``out_axis`` per unit, e.g. an attention head's columns)."""
+    moved = np.moveaxis(np.asarray(w), out_axis, 0)
+    return moved.reshape(w.shape[out_axis] // block, -1)
 
 
 def norm_scores(w_units: np.ndarray, norm: str) -> np.ndarray:

@@ -1,0 +1,244 @@
+"""Attention-head removal (--structured heads): blocks found, skips with reasons, removed == masked."""
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_model, run_ort, tensor_by_name, vi
+from onnx_magprune.api import prune_model
+from onnx_magprune.calibration import open_calibration
+from onnx_magprune.cli import main
+from onnx_magprune.config import PruneConfig
+from onnx_magprune.methods import MethodOptions
+from onnx_magprune.structured_heads import find_head_groups
+from onnx_magprune.structured_rewrite import rewrite
+from onnx_magprune.structured_run import StructuredOptions, StructuredRun
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # removed vs masked: the same sums without the zero terms (float32 rounding)
+HEADS = StructuredOptions(unit="heads")
+E, H, D, S = 12, 4, 3, 5  # width, heads, head size, sequence length
+
+
+def _init(a, name, dtype=np.float32):
+    return numpy_helper.from_array(np.asarray(a, dtype), name)
+
+
+def _w(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _i64(values, name):
+    return _init(values, name, np.int64)
+
+
+def attention(style="hf", mask="input", fused=False, shared_shape_outside=False):
+    """One PyTorch-style multi-head self-attention block with a residual Add.
+
+    ``style``: "hf" (targets Concat(B, S, -1, d) from Shape reads, Kᵀ by one Transpose [0,2,3,1],
+    scale by Div after QK) or "const" (targets one constant [0, 0, H, d] shared by Q/K/V, merge
+    [0, 0, H*d], Kᵀ by two Transposes, Q scaled by Mul before QK).  ``mask``: "input" (a graph
+    input [B, 1, 1, S]), "per_head_const" ([1, H, S, S] constant), "per_head_input" ([B, H, S, S])."""
+    nodes, inits = [], []
+    for i, role in enumerate("qkvo"):
+        inits += [_init(_w((E, E), 10 + i), f"W{role}"), _init(_w((E,), 20 + i), f"b{role}")]
+    if fused:
+        inits = [t for t in inits if t.name not in ("Wq", "Wk", "Wv", "bq", "bk", "bv")]
+        inits += [_init(_w((E, 3 * E), 30), "Wqkv"), _init(_w((3 * E,), 31), "bqkv"), _i64([E, E, E], "split")]
+        nodes += [helper.make_node("MatMul", ["x", "Wqkv"], ["qkv_m"], name="qkv"),
+                  helper.make_node("Add", ["qkv_m", "bqkv"], ["qkv_a"], name="qkv_bias"),
+                  helper.make_node("Split", ["qkv_a", "split"], ["q_a", "k_a", "v_a"], axis=-1, name="split")]
+    else:
+        for role in "qkv":
+            nodes += [helper.make_node("MatMul", ["x", f"W{role}"], [f"{role}_m"], name=f"{role}_proj"),
+                      helper.make_node("Add", [f"b{role}", f"{role}_m"], [f"{role}_a"], name=f"{role}_bias")]
+    if style == "hf":
+        nodes += [helper.make_node("Shape", ["x"], ["xs"]),
+                  helper.make_node("Gather", ["xs", "i0"], ["b0"], axis=0),
+                  helper.make_node("Gather", ["xs", "i1"], ["s0"], axis=0),
+                  helper.make_node("Unsqueeze", ["b0", "ax0"], ["bu"]),
+                  helper.make_node("Unsqueeze", ["s0", "ax0"], ["su"])]
+        inits += [_i64(0, "i0"), _i64(1, "i1"), _i64([0], "ax0")]
+        for role in "qkv":
+            inits += [_i64([-1], f"{role}_m1"), _i64([D], f"{role}_d")]
+            nodes.append(helper.make_node("Concat", ["bu", "su", f"{role}_m1", f"{role}_d"], [f"{role}_shape"], axis=0))
+        split_shape = {r: f"{r}_shape" for r in "qkv"}
+    else:
+        inits.append(_i64([0, 0, H, D], "split_shape"))
+        split_shape = {r: "split_shape" for r in "qkv"}
+    for role in "qkv":
+        nodes.append(helper.make_node("Reshape", [f"{role}_a", split_shape[role]], [f"{role}_r"], name=f"{role}_split"))
+    nodes += [helper.make_node("Transpose", ["q_r"], ["q_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["v_r"], ["v_t"], perm=[0, 2, 1, 3])]
+    inits.append(_init(1.0 / np.sqrt(D), "scale"))
+    if style == "hf":
+        nodes += [helper.make_node("Transpose", ["k_r"], ["k_t"], perm=[0, 2, 3, 1]),
+                  helper.make_node("MatMul", ["q_t", "k_t"], ["qk"], name="qk"),
+                  helper.make_node("Mul", ["qk", "scale"], ["scores0"])]
+    else:
+        nodes += [helper.make_node("Transpose", ["k_r"], ["k_h"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Transpose", ["k_h"], ["k_t"], perm=[0, 1, 3, 2]),
+                  helper.make_node("Mul", ["q_t", "scale"], ["q_s"]),
+                  helper.make_node("MatMul", ["q_s", "k_t"], ["scores0"], name="qk")]
+    inputs = [vi("x", ["B", S, E])]
+    if mask == "per_head_const":
+        inits.append(_init(_w((1, H, S, S), 40), "mask"))
+    elif mask == "per_head_input":
+        inputs.append(vi("mask", ["B", H, S, S]))
+    else:
+        inputs.append(vi("mask", ["B", 1, 1, S]))
+    nodes += [helper.make_node("Add", ["scores0", "mask"], ["scores"], name="mask_add"),
+              helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="softmax"),
+              helper.make_node("MatMul", ["probs", "v_t"], ["ctx"], name="pv"),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3])]
+    if style == "hf":
+        nodes += [helper.make_node("Shape", ["ctx_t"], ["cs"]),
+                  helper.make_node("Slice", ["cs", "st0", "en2"], ["lead"])]
+        inits += [_i64([0], "st0"), _i64([-2], "en2"), _i64([H * D], "merged")]
+        nodes.append(helper.make_node("Concat", ["lead", "merged"], ["merge_shape"], axis=0))
+    else:
+        inits.append(_i64([0, 0, H * D], "merge_shape"))
+    nodes += [helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["ctx_m"], name="merge"),
+              helper.make_node("MatMul", ["ctx_m", "Wo"], ["o_m"], name="o_proj"),
+              helper.make_node("Add", ["o_m", "bo"], ["o"], name="o_bias"),
+              helper.make_node("Add", ["o", "x"], ["y"], name="residual")]
+    outputs = [vi("y", ["B", S, E])]
+    if shared_shape_outside:  # the split target also shapes a graph output
+        nodes.append(helper.make_node("Reshape", ["x", "split_shape"], ["x4"]))
+        outputs.append(vi("x4", ["B", S, H, D]))
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def _feeds(seed=0, batch=2, per_head=False):
+    rng = np.random.default_rng(seed)
+    mask = np.where(rng.random((batch, H if per_head else 1, 1 if not per_head else S, S)) < 0.2, -1e4, 0.0)
+    return {"x": rng.standard_normal((batch, S, E)).astype(np.float32), "mask": mask.astype(np.float32)}
+
+
+def _masked(model, rep):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    groups, _ = find_head_groups(m)
+    by_producer = {g.producer: g for g in groups}
+    plans = [(by_producer[g["producer"]], np.array(g["removed_units"], dtype=np.int64))
+             for g in rep.structured["groups"]]
+    return rewrite(m, plans, mode="mask")
+
+
+@pytest.mark.parametrize("style", ["hf", "const"])
+def test_block_is_found_with_every_cut(style):
+    groups, skipped = find_head_groups(attention(style))
+    assert skipped == []
+    (g,) = groups
+    assert (g.producer, g.units, g.kind, g.co_producers) == ("Wq", H, "heads", ["Wk", "Wv"])
+    assert [(c.weight, c.block, c.bias) for c in g.consumers] == [("Wo", D, "bo")]
+    cuts = sorted((s.tensor, s.axis, s.role, s.block) for s in g.shrinks)
+    expected = [("Wk", 1, "producer", D), ("Wo", 0, "consumer", D), ("Wq", 1, "producer", D), ("Wv", 1, "producer", D),
+                ("bk", 0, "producer bias", D), ("bq", 0, "producer bias", D), ("bv", 0, "producer bias", D)]
+    if style == "const":  # the head count (entry 2, once per removed head) and the width (entry 2, D per head)
+        expected += [("merge_shape", 2, "shape", D), ("split_shape", 2, "shape", 1), ("split_shape", 2, "shape", 1),
+                     ("split_shape", 2, "shape", 1)]
+    else:  # targets end in -1: only the merged width is a constant
+        expected += [("merged", 0, "shape", D)]
+    assert cuts == sorted(expected)
+    assert g.head_axis_checks == [("mask", -3)]
+
+
+@pytest.mark.parametrize("style", ["hf", "const"])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_removed_heads_match_the_masked_model(style, scope):
+    model = attention(style)
+    pruned, rep = prune_model(model, 0.5, scope, structured=HEADS, min_numel=0)
+    (g,) = rep.structured["groups"]
+    assert g["units_before"] == H and g["units_after"] == H // 2 and len(g["removed_units"]) == H // 2
+    kept = (H // 2) * D
+    for name, shape in (("Wq", (E, kept)), ("Wk", (E, kept)), ("Wv", (E, kept)), ("bq", (kept,)), ("Wo", (kept, E))):
+        assert tensor_by_name(pruned, name).shape == shape
+    if style == "const":
+        assert tensor_by_name(pruned, "split_shape").tolist() == [0, 0, H // 2, D]
+        assert tensor_by_name(pruned, "merge_shape").tolist() == [0, 0, kept]
+    else:
+        assert tensor_by_name(pruned, "merged").tolist() == [kept]
+    onnx.checker.check_model(pruned, full_check=True)
+    masked = _masked(model, rep)
+    for seed in range(3):
+        feeds = _feeds(seed)
+        np.testing.assert_allclose(run_ort(pruned, feeds)[0], run_ort(masked, feeds)[0], **TOL)
+
+
+def test_weight_norm_ranks_heads_by_their_q_k_v_columns():
+    model = attention("hf")
+    weak = 2
+    for t in model.graph.initializer:
+        if t.name in ("Wq", "Wk", "Wv"):
+            a = numpy_helper.to_array(t).copy()
+            a[:, weak * D:(weak + 1) * D] *= 0.01
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    _pruned, rep = prune_model(model, 0.25, "local", structured=HEADS, min_numel=0)
+    assert rep.structured["groups"][0]["removed_units"] == [weak]
+
+
+def test_calibrated_head_removal_refits_the_output_projection():
+    model = attention("hf")
+    calib = [_feeds(seed) for seed in range(8)]
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    run = StructuredRun(proto, PruneConfig(sparsity=0.5, scope="local", min_numel=0), HEADS,
+                        MethodOptions(method="obs", calibration=calib, holdout=0.0), open_calibration(calib, model))
+    (g,) = run.structured_dict()["groups"]
+    assert g["criterion"] == "obs" and g["bias_refit"] is True and g["error_after"] < g["error_masked"]
+    masked = onnx.ModelProto()
+    masked.CopyFrom(model)
+    rewrite(masked, [(run.groups[0].group, run.groups[0].removed)], run.values, mode="mask")
+    for seed in (100, 101):
+        feeds = _feeds(seed)
+        np.testing.assert_allclose(run_ort(proto, feeds)[0], run_ort(masked, feeds)[0], **TOL)
+
+
+def _skips(model, statistics=None):
+    _groups, skipped = find_head_groups(model)
+    if statistics is None and not skipped:
+        _pruned, rep = prune_model(model, 0.5, "local", structured=HEADS, min_numel=0)
+        return [(s["producer"], s["reason"]) for s in rep.structured["skipped"]]
+    return [(s.producer, s.reason) for s in skipped]
+
+
+def test_blocks_that_cannot_be_cut_say_why():
+    assert _skips(attention(fused=True)) == [
+        ("Softmax 'softmax'", "attention heads: Q comes from Split 'split' (a fused QKV layer is not cut)")]
+    assert _skips(attention(mask="per_head_const")) == [
+        ("Softmax 'softmax'", "attention heads: the constant 'mask' of Add 'mask_add' has 4 entries on the head "
+                              "axis (e.g. a per-head position bias)")]
+    assert _skips(attention("const", shared_shape_outside=True)) == [
+        ("Softmax 'softmax'", "attention heads: 'split_shape' is also read by Reshape input 1")]
+    # a computed mask is checked on a run of the model: [B, H, S, S] differs per head
+    assert _skips(attention(mask="per_head_input")) == [
+        ("Wq", "attention heads: the mask 'mask' added to its scores has shape [1, 4, 5, 5]: 4 entries on the head "
+               "axis, so it differs per head")]
+
+
+def test_neuron_groups_do_not_take_the_attention_layers():
+    from onnx_magprune.structured import find_groups
+
+    groups, skipped = find_groups(attention("hf"))
+    assert groups == []
+    reasons = {s.producer: s.reason for s in skipped}
+    assert reasons["Wq"].startswith("it reaches Reshape 'q_split'")
+
+
+def test_cli_heads_end_to_end(tmp_path):
+    src = tmp_path / "attn.onnx"
+    onnx.save(attention("const"), src)
+    before = src.read_bytes()
+    out = tmp_path / "out.onnx"
+    res = CliRunner().invoke(main, ["prune", str(src), "-o", str(out), "--structured", "heads", "--sparsity", "0.25",
+                                    "--min-numel", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    assert src.read_bytes() == before
+    pruned = onnx.load(out)
+    assert tensor_by_name(pruned, "split_shape").tolist() == [0, 0, H - 1, D]
+    out2 = tmp_path / "out2.onnx"
+    res = CliRunner().invoke(main, ["prune", str(src), "-o", str(out2), "--structured", "heads", "--sparsity", "0.25",
+                                    "--min-numel", "0", "--json"])
+    assert res.exit_code == 0 and out2.read_bytes() == out.read_bytes()
