@@ -64,8 +64,14 @@ class _Entry:
 
 
 class _HeadFinder:
-    def __init__(self, index: GraphIndex, include_overridable: bool):
+    def __init__(self, model: onnx.ModelProto, index: GraphIndex, include_overridable: bool):
         self.index = index
+        # graph inputs' declared dims (int, or None when symbolic/unknown); None for an unknown rank
+        self.input_dims: dict[str, list[int | None] | None] = {}
+        for vi in model.graph.input:
+            tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+            self.input_dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] \
+                if tt is not None and tt.HasField("shape") else None
         self.walker = _Walker(index, include_overridable)
         self.include_overridable = include_overridable
         self.producers = {v.name: v.node for v in index.values if v.graph == "main" and v.kind == "node_output"}
@@ -322,14 +328,18 @@ class _HeadFinder:
                 raise _Stop(f"the constant '{name}' of {where} has {dims[pos]} entries on the head axis "
                             "(e.g. a per-head position bias)")
             return []
+        if name in self.input_dims:  # a graph input: its declared size on the head axis, when fixed
+            dims = self.input_dims[name]
+            if dims is not None:
+                pos = len(dims) + hpos
+                if pos < 0 or dims[pos] == 1:
+                    return []
+                if isinstance(dims[pos], int) and dims[pos] > 1:
+                    raise _Stop(f"the input '{name}' of {where} has {dims[pos]} entries on the head axis")
+            return [(name, hpos)]
         if name not in self.walker.outputs:
-            if any(i.name == name for i in self._graph_inputs()):
-                return [(name, hpos)]
             raise _Stop(f"the operand '{name}' of {where} is not in the main graph")
         return [(name, hpos)]
-
-    def _graph_inputs(self):
-        return [v for v in self.index.values if v.graph == "main" and v.kind == "graph_input"]
 
     def _branch(self, name: str, role: str) -> _Branch:
         """Follow Q, K or V back from the attention MatMul to its layer."""
@@ -480,7 +490,7 @@ def find_head_groups(model: onnx.ModelProto, index: GraphIndex | None = None, *,
                      include_overridable: bool = False) -> tuple[list[UnitGroup], list[SkippedGroup]]:
     """Every attention block of the main graph (one per Softmax) as a head group, or skipped with the reason."""
     index = index or GraphIndex(model)
-    finder = _HeadFinder(index, include_overridable)
+    finder = _HeadFinder(model, index, include_overridable)
     groups: list[UnitGroup] = []
     skipped: list[SkippedGroup] = []
     for node in model.graph.node:

@@ -39,7 +39,9 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
     ``style``: "hf" (targets Concat(B, S, -1, d) from Shape reads, Kᵀ by one Transpose [0,2,3,1],
     scale by Div after QK) or "const" (targets one constant [0, 0, H, d] shared by Q/K/V, merge
     [0, 0, H*d], Kᵀ by two Transposes, Q scaled by Mul before QK).  ``mask``: "input" (a graph
-    input [B, 1, 1, S]), "per_head_const" ([1, H, S, S] constant), "per_head_input" ([B, H, S, S])."""
+    input [B, 1, 1, S]), "per_head_const" ([1, H, S, S] constant), "per_head_input" ([B, H, S, S]),
+    "computed" (from a [B, S] input, unsqueezed to [B, 1, 1, S]), "computed_per_head" (then expanded
+    to [B, H, S, S])."""
     nodes, inits = [], []
     for i, role in enumerate("qkvo"):
         inits += [_init(_w((E, E), 10 + i), f"W{role}"), _init(_w((E,), 20 + i), f"b{role}")]
@@ -84,6 +86,13 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
     inputs = [vi("x", ["B", S, E])]
     if mask == "per_head_const":
         inits.append(_init(_w((1, H, S, S), 40), "mask"))
+    elif mask.startswith("computed"):  # (1 - m) * -1e4 from a [B, S] 0/1 input, unsqueezed or expanded per head
+        inputs.append(vi("m", ["B", S]))
+        inits += [_init(1.0, "one_f"), _init(-1e4, "big"), _i64([1, 2], "ax12"), _i64([1, H, S, 1], "per_head")]
+        nodes += [helper.make_node("Sub", ["one_f", "m"], ["inv"]), helper.make_node("Mul", ["inv", "big"], ["add2"]),
+                  helper.make_node("Unsqueeze", ["add2", "ax12"], ["mask1" if mask.endswith("per_head") else "mask"])]
+        if mask.endswith("per_head"):
+            nodes.append(helper.make_node("Expand", ["mask1", "per_head"], ["mask"]))
     elif mask == "per_head_input":
         inputs.append(vi("mask", ["B", H, S, S]))
     else:
@@ -110,9 +119,9 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
     return make_model(nodes, inputs, outputs, inits)
 
 
-def _feeds(seed=0, batch=2, per_head=False):
+def _feeds(seed=0, batch=2):
     rng = np.random.default_rng(seed)
-    mask = np.where(rng.random((batch, H if per_head else 1, 1 if not per_head else S, S)) < 0.2, -1e4, 0.0)
+    mask = np.where(rng.random((batch, 1, 1, S)) < 0.2, -1e4, 0.0)
     return {"x": rng.standard_normal((batch, S, E)).astype(np.float32), "mask": mask.astype(np.float32)}
 
 
@@ -142,7 +151,7 @@ def test_block_is_found_with_every_cut(style):
     else:  # targets end in -1: only the merged width is a constant
         expected += [("merged", 0, "shape", D)]
     assert cuts == sorted(expected)
-    assert g.head_axis_checks == [("mask", -3)]
+    assert g.head_axis_checks == []  # the mask input is declared [B, 1, 1, S]: the same for every head
 
 
 @pytest.mark.parametrize("style", ["hf", "const"])
@@ -212,8 +221,18 @@ def test_blocks_that_cannot_be_cut_say_why():
                               "axis (e.g. a per-head position bias)")]
     assert _skips(attention("const", shared_shape_outside=True)) == [
         ("Softmax 'softmax'", "attention heads: 'split_shape' is also read by Reshape input 1")]
-    # a computed mask is checked on a run of the model: [B, H, S, S] differs per head
     assert _skips(attention(mask="per_head_input")) == [
+        ("Softmax 'softmax'", "attention heads: the input 'mask' of Add 'mask_add' has 4 entries on the head axis")]
+
+
+def test_computed_masks_are_checked_on_a_run_of_the_model():
+    model = attention(mask="computed")
+    (g,), _ = find_head_groups(model)
+    assert g.head_axis_checks == [("mask", -3)]
+    _pruned, rep = prune_model(model, 0.5, "local", structured=HEADS, min_numel=0)
+    assert rep.structured["skipped"] == [] and rep.structured["groups"][0]["units_after"] == H // 2
+    # the same graph with a mask computed per head ([B, H, S, S]): seen on the run, the block is skipped
+    assert _skips(attention(mask="computed_per_head")) == [
         ("Wq", "attention heads: the mask 'mask' added to its scores has shape [1, 4, 5, 5]: 4 entries on the head "
                "axis, so it differs per head")]
 
