@@ -207,12 +207,15 @@ def _label(model: ModelRef) -> str:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return line[:500]
-    return type(e).__name__
+    """The message on one line: its first line, and for onnxruntime's shape errors ("... for the
+    following indices") the lines that say which index got what."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    first = lines[0]
+    if first.endswith("following indices"):
+        first = "; ".join([first] + [ln for ln in lines[1:] if ln.startswith("index:")])
+    return first[:500]
 
 
 def output_names(session) -> list[str]:

@@ -84,8 +84,9 @@ class _HeadFinder:
             raise _Stop(f"'{name}' is not a node output of the main graph")
         return v
 
-    def _only_use(self, name: str, allowed_shape_reads: int = 0, rank: int | None = None) -> onnx.NodeProto:
-        """The single node reading ``name`` (Shape reads of its leading ``rank - allowed`` dims aside)."""
+    def _only_use(self, name: str, forbidden: tuple[int, ...] = (), rank: int | None = None) -> onnx.NodeProto:
+        """The single node reading ``name``, Shape reads aside that pick no axis in ``forbidden``
+        (positions from the end, e.g. the head axis); ``rank`` when known."""
         v = self._uses(name)
         readers = []
         for use in v.uses:
@@ -93,8 +94,7 @@ class _HeadFinder:
                 raise _Stop(f"'{name}' is a graph output")
             if use.graph != "main":
                 raise _Stop(f"'{name}' is read inside a subgraph ({use.graph})")
-            if use.node.op_type == "Shape" and allowed_shape_reads and self._leading_only(use.node, allowed_shape_reads,
-                                                                                         rank):
+            if use.node.op_type == "Shape" and forbidden and self._reads_avoid(use.node, forbidden, rank):
                 continue
             readers.append(use)
         if len(readers) != 1:
@@ -102,13 +102,15 @@ class _HeadFinder:
             raise _Stop(f"'{name}' is also read by {what}" if len(readers) > 1 else f"'{name}' is read by {what}")
         return readers[0].node
 
-    def _leading_only(self, shape: onnx.NodeProto, protected: int, rank: int | None) -> bool:
-        """Whether every read of this Shape's output picks dimensions before the last ``protected``."""
+    def _reads_avoid(self, shape: onnx.NodeProto, forbidden: tuple[int, ...], rank: int | None) -> bool:
+        """Whether every read of this Shape's output (Gather of constant indices, Slice of constant
+        bounds) picks no dimension at the ``forbidden`` positions (counted from the end)."""
         if any(a.name in ("start", "end") for a in shape.attribute):
             return False
         out = self.index.outputs_of(shape)[0]
         if out is None:
             return False
+        lowest = min(forbidden)
         for use in out.uses:
             node = use.node
             if node is None or use.slot != 0 or node.domain not in ("", "ai.onnx"):
@@ -118,13 +120,16 @@ class _HeadFinder:
                 return False
             vals = [numpy_helper.to_array(c.tensor).reshape(-1).tolist() for c in consts]
             if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
-                picks = vals[0]
-                ok = all((i < -protected) if i < 0 else (rank is not None and i < rank - protected) for i in picks)
+                picks = [i if i < 0 else (i - rank if rank is not None else None) for i in vals[0]]
+                ok = all(p is not None and p not in forbidden for p in picks)
             elif node.op_type == "Slice" and len(vals) >= 2 and len(vals[0]) == 1 \
                     and (len(vals) < 4 or vals[3] == [1]) and (len(vals) < 3 or vals[2] == [0]):
                 start, end = vals[0][0], vals[1][0]
-                ok = start >= 0 and (-2 ** 31 < end <= -protected if end < 0
-                                     else rank is not None and end <= rank - protected)
+                if rank is not None:
+                    lo, hi = (start if start >= 0 else start + rank), (end if end >= 0 else end + rank)
+                    ok = not any(i - rank in forbidden for i in range(max(lo, 0), min(hi, rank)))
+                else:  # from the start up to ``end`` from the end: positions below ``end``
+                    ok = start >= 0 and -2 ** 31 < end < 0 and lowest >= end
             else:
                 return False
             if not ok:
@@ -218,8 +223,6 @@ class _HeadFinder:
                 continue
             raise _Stop(f"the scores of Softmax '{_label(softmax)}' pass {node.op_type} '{_label(node)}'")
         tensors.reverse()
-        for name in tensors:  # every score tensor read only by the next op
-            self._only_use(name)
         q = self._branch(qk.input[0], "Q")
         k = self._branch(qk.input[1], "K")
         rank = len(q.labels)
@@ -227,6 +230,8 @@ class _HeadFinder:
                 or "h" not in k.labels[:-2] or q.labels.index("h") != k.labels.index("h"):
             raise _Stop(f"MatMul '{_label(qk)}' does not multiply Q [.., heads, S, d] by Kᵀ [.., heads, d, S]")
         hpos = q.labels.index("h") - rank  # the head axis, from the end
+        for name in tensors:  # every score tensor read only by the next op (or Shape reads of other axes)
+            self._only_use(name, (hpos,), rank)
         if axis not in (-1, rank - 1):
             raise _Stop(f"Softmax '{_label(softmax)}' normalises axis {axis}, not the last")
         mask_checks = []
@@ -235,7 +240,12 @@ class _HeadFinder:
         # Softmax forward to MatMul(probs, V)
         cur = softmax.output[0]
         while True:
-            node = self._only_use(cur)
+            guard = self._nan_guard(cur)
+            if guard is not None:  # Where(IsNaN(p), 0, p): PyTorch's sdpa guard for fully masked rows
+                tensors += [cur, guard.input[0]]
+                cur = guard.output[0]
+                continue
+            node = self._only_use(cur, (hpos,), rank)
             tensors.append(cur)
             if node.op_type in _PASS_UNARY and node.input[0] == cur:
                 if any(o is not None and o.uses for o in self.index.outputs_of(node)[1:]):
@@ -258,9 +268,9 @@ class _HeadFinder:
         # forward from the attention output to the merge and the output projection
         labels = list(q.labels[:-1]) + ["e"]
         cur = pv.output[0]
+        keep_cuts: list[Shrink] = []
         while True:
-            protected = len(labels) - min(labels.index("h"), labels.index("e"))
-            node = self._only_use(cur, protected, len(labels))
+            node = self._only_use(cur, (labels.index("h") - len(labels),), len(labels))
             tensors.append(cur)
             if node.op_type == "Transpose":
                 perm = list(_attr(node, "perm", list(range(len(labels)))[::-1]))
@@ -270,17 +280,16 @@ class _HeadFinder:
                 cur = node.output[0]
                 continue
             if node.op_type == "Reshape" and node.input[0] == cur:
-                merge = node
-                break
+                if labels[-2:] == ["h", "e"] and self._merges(node, heads, dim):
+                    merge = node
+                    break
+                keep_cuts += self._keeps_layout(node, labels, heads)
+                cur = node.output[0]
+                continue
             raise _Stop(f"the attention output reaches {node.op_type} '{_label(node)}' before its heads are merged")
-        if labels[-2:] != ["h", "e"] or _attr(merge, "allowzero", 0):
-            raise _Stop(f"Reshape '{_label(merge)}' does not merge [.., heads, d] into one axis")
         group = UnitGroup(q.weight.name, q.node.op_type, q.node, heads, kind="heads")
+        group.shrinks += keep_cuts
         entries, _complete = self._entries(merge)
-        if not entries or entries[0].value not in (-1, heads * dim):
-            raise _Stop(f"the target shape of Reshape '{_label(merge)}' does not end in -1 or {heads * dim}")
-        if any(e.value == 0 for e in entries[:1]) or any(e.value == -1 for e in entries[1:]):
-            raise _Stop(f"the target shape of Reshape '{_label(merge)}' cannot be followed")
         if entries[0].value == heads * dim:
             group.shrinks.append(self._shape_const(entries[0], merge, dim))
         tensors.append(merge.output[0])
@@ -294,6 +303,48 @@ class _HeadFinder:
         group.head_axis_checks = mask_checks
         self._check_shapes_private(group)
         return group
+
+    def _merges(self, node: onnx.NodeProto, heads: int, dim: int) -> bool:
+        """Whether this Reshape of ``[.., heads, d]`` merges the last two axes: its target ends in
+        -1 or ``heads*d`` with no other -1 and no 0 that would copy a head axis."""
+        entries, _complete = self._entries(node)
+        if not entries or entries[0].value not in (-1, heads * dim) or any(e.value == -1 for e in entries[1:]):
+            return False
+        return not (entries[0].value == 0 or (_attr(node, "allowzero", 0) and any(e.value == 0 for e in entries)))
+
+    def _keeps_layout(self, node: onnx.NodeProto, labels: list[str], heads: int) -> list[Shrink]:
+        """A Reshape that gives the tensor back its own layout (PyTorch's sdpa export reshapes the
+        attention output to ``[B, -1, S, d]``): the same rank, the head entry -1 or the head count
+        (cut), no other -1 and no 0 from the head axis on.  Its cuts; stops otherwise."""
+        entries, complete = self._entries(node)
+        rank, h = len(labels), labels.index("h")
+        back = rank - h  # entries from the end up to and including the head axis
+        why = _Stop(f"Reshape '{_label(node)}' changes the layout of the attention output before its heads "
+                    "are merged")
+        if len(entries) < back or (complete and len(entries) != rank) or _attr(node, "allowzero", 0):
+            raise why
+        head = entries[back - 1]
+        if head.value not in (-1, heads) or any(e.value in (-1, 0) for i, e in enumerate(entries) if i != back - 1):
+            raise why
+        if entries[0].value is not None and labels[-1] == "e" and entries[0].value <= 0:
+            raise why
+        return [self._shape_const(head, node, 1)] if head.value == heads else []
+
+    def _nan_guard(self, name: str) -> onnx.NodeProto | None:
+        """``Where(IsNaN(name), c, name)`` with ``c`` a scalar constant, when that is all that reads ``name``."""
+        v = self._uses(name)
+        if len(v.uses) != 2 or any(u.node is None for u in v.uses):
+            return None
+        ops = {u.node.op_type: u for u in v.uses}
+        if set(ops) != {"IsNaN", "Where"} or ops["Where"].slot != 2:
+            return None
+        isnan, where = ops["IsNaN"].node, ops["Where"].node
+        flag = self.walker.outputs.get(isnan.output[0])
+        c = _constant(self.index, where, 1)
+        if flag is None or len(flag.uses) != 1 or flag.uses[0].node is not where or flag.uses[0].slot != 0 \
+                or c is None or int(np.prod(c.tensor.dims)) != 1:
+            return None
+        return where
 
     def _score_slot(self, node: onnx.NodeProto) -> int:
         """Which input of an element-wise op on the scores carries them."""
@@ -364,8 +415,6 @@ class _HeadFinder:
                 raise _Stop(_not_a_layer(role, node))
         if any(not p for p in perms):
             raise _Stop(f"a Transpose on the way of {role} has no perm")
-        for t in tensors:
-            self._only_use(t)
         entries, complete = self._entries(split)
         if len(entries) < 2 or entries[0].value is None or entries[0].value <= 0:
             raise _Stop(f"the target shape of Reshape '{_label(split)}' does not end in a constant head size")
@@ -378,22 +427,33 @@ class _HeadFinder:
         rank = len(perms[0]) if perms else (len(entries) if complete else None)
         if rank is None or (complete and len(entries) != rank) or any(len(p) != rank for p in perms):
             raise _Stop(f"the rank of {role} after Reshape '{_label(split)}' is not known")
-        labels = [f"x{i}" for i in range(rank - 2)] + ["h", "e"]
         for p in perms:
             if sorted(p) != list(range(rank)):
                 raise _Stop(f"a Transpose on the way of {role} has perm {p}")
-            labels = [labels[i] for i in p]
-        # the layer: MatMul/Gemm [+ bias Add] -> Reshape
+        labels = [f"x{i}" for i in range(rank - 2)] + ["h", "e"]
+        for t in reversed(tensors):  # from the Reshape's output to what the MatMul reads
+            node = self.producers[t]
+            if node.op_type == "Transpose":
+                labels = [labels[i] for i in _attr(node, "perm", [])]
+            self._only_use(t, (labels.index("h") - rank,), rank)  # Shape reads of other axes are fine
+        # the layer: MatMul/Gemm [+ bias Add] [* or / a scalar] -> Reshape
         shrinks: list[Shrink] = []
         src_name = split.input[0]
         src = self.producers.get(src_name)
         path = [src_name]
         bias_add = None
-        if src is not None and src.op_type == "Add" and src.domain in ("", "ai.onnx"):
-            bias_add = src
+        while src is not None and src.domain in ("", "ai.onnx") and src.op_type in ("Add", "Mul", "Div"):
             slots = [s for s in (0, 1) if _constant(self.index, src, s) is not None]
-            if len(slots) != 1:
-                raise _Stop(f"{role} passes Add '{_label(src)}' that is not a bias")
+            scalar = len(slots) == 1 and int(np.prod(_constant(self.index, src, slots[0]).tensor.dims)) == 1 \
+                and (src.op_type != "Div" or slots[0] == 1)
+            if src.op_type in ("Mul", "Div") and scalar:  # Whisper scales Q before the split
+                pass
+            elif src.op_type == "Add" and bias_add is None:
+                if len(slots) != 1:
+                    raise _Stop(self._not_a_bias(role, src))
+                bias_add = src
+            else:
+                raise _Stop(f"{role} passes {src.op_type} '{_label(src)}' on the way from its layer")
             path.append(src.input[1 - slots[0]])
             src = self.producers.get(src.input[1 - slots[0]])
         if src is None or src.op_type not in ("MatMul", "Gemm") or src.domain not in ("", "ai.onnx"):
@@ -418,7 +478,8 @@ class _HeadFinder:
         self.walker._producer_bias(trial, src, width)
         if bias_add is not None:
             state = _State(axis=-1, rank=2 if src.op_type == "Gemm" else None)
-            self.walker._per_channel(trial, bias_add, slots[0], state, exact_1d=False)
+            slot = next(s for s in (0, 1) if _constant(self.index, bias_add, s) is not None)
+            self.walker._per_channel(trial, bias_add, slot, state, exact_1d=False)
         for s in trial.shrinks:
             shrinks.append(Shrink(s.tensor, s.axis, "producer bias", dim))
         for t in path:  # Shape reads of the leading dims (x.size()[:-1]) are fine
@@ -426,6 +487,15 @@ class _HeadFinder:
         if head_entry.value != -1:
             shrinks.append(self._shape_const(head_entry, split, 1))
         return _Branch(src, weight, layout, heads, dim, labels, shrinks, path[::-1] + tensors[::-1])
+
+    def _not_a_bias(self, role: str, add: onnx.NodeProto) -> str:
+        for i in add.input:
+            src = self.producers.get(i)
+            if src is not None and src.op_type in ("Identity", "Cast") and src.input \
+                    and _constant(self.index, src, 0) is not None:
+                return (f"{role}'s bias Add '{_label(add)}' reads {src.op_type} of the constant '{src.input[0]}' "
+                        "(exporters share equal biases this way), not a bias of its own")
+        return f"{role} passes Add '{_label(add)}' that is not a bias"
 
     def _consumer(self, group: UnitGroup, merge: onnx.NodeProto, heads: int, dim: int) -> Consumer:
         node = self._only_use(merge.output[0])

@@ -9,7 +9,8 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .calibration import CalibrationError, CalibrationSet, SyntheticSpec, model_inputs, synthetic
+from .calibration import CalibrationError, CalibrationSet, SyntheticSpec, effective_batch, model_inputs, synthetic
+from .runtime import _first_line
 from .structured import UnitGroup
 
 
@@ -17,7 +18,7 @@ def _first_sample(proto: onnx.ModelProto, calibration: CalibrationSet | None) ->
     if calibration is None:
         # integers 0: a valid index for any table (token ids, token types), and shapes do not depend on values
         calibration = synthetic(model_inputs(proto), SyntheticSpec(samples=1, dynamic_dim=8, int_range=(0, 1)))
-    for batch in calibration.batches(1):
+    for batch in calibration.batches(effective_batch(1, model_inputs(proto))):  # a batch the model fixes
         return dict(batch.feeds)
     raise CalibrationError("the calibration data holds no sample")
 
@@ -43,8 +44,7 @@ def mask_shapes(proto: onnx.ModelProto, names: Sequence[str],
         sess = ort.InferenceSession(probe.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
         outs = sess.run(list(names), feeds, ro)
     except Exception as e:  # noqa: BLE001 (onnxruntime raises its own types; the reason is reported)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"a run to read the mask shapes failed: {first[:300]}") from e
+        raise RuntimeError(f"a run to read the mask shapes failed: {_first_line(e)}") from e
     return {n: tuple(np.shape(o)) for n, o in zip(names, outs)}
 
 

@@ -55,7 +55,7 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
         for role in "qkv":
             nodes += [helper.make_node("MatMul", ["x", f"W{role}"], [f"{role}_m"], name=f"{role}_proj"),
                       helper.make_node("Add", [f"b{role}", f"{role}_m"], [f"{role}_a"], name=f"{role}_bias")]
-    if style == "hf":
+    if style in ("hf", "sdpa"):
         nodes += [helper.make_node("Shape", ["x"], ["xs"]),
                   helper.make_node("Gather", ["xs", "i0"], ["b0"], axis=0),
                   helper.make_node("Gather", ["xs", "i1"], ["s0"], axis=0),
@@ -66,6 +66,12 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
             inits += [_i64([-1], f"{role}_m1"), _i64([D], f"{role}_d")]
             nodes.append(helper.make_node("Concat", ["bu", "su", f"{role}_m1", f"{role}_d"], [f"{role}_shape"], axis=0))
         split_shape = {r: f"{r}_shape" for r in "qkv"}
+        if style == "sdpa":  # Whisper scales Q between its bias and the split
+            inits.append(_init(0.5, "q_scale"))
+            nodes.append(helper.make_node("Mul", ["q_a0", "q_scale"], ["q_a"]))
+            for n in nodes:
+                if n.name == "q_bias":
+                    n.output[0] = "q_a0"
     else:
         inits.append(_i64([0, 0, H, D], "split_shape"))
         split_shape = {r: "split_shape" for r in "qkv"}
@@ -74,7 +80,13 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
     nodes += [helper.make_node("Transpose", ["q_r"], ["q_t"], perm=[0, 2, 1, 3]),
               helper.make_node("Transpose", ["v_r"], ["v_t"], perm=[0, 2, 1, 3])]
     inits.append(_init(1.0 / np.sqrt(D), "scale"))
-    if style == "hf":
+    if style == "sdpa":  # PyTorch's sdpa export: sqrt(scale) on Q and Kᵀ, Shape reads of S and d, a NaN guard
+        inits += [_init(1.0 / np.sqrt(np.sqrt(D)), "sq"), _i64(2, "i2"), _i64(3, "i3"), _init(0.0, "zero")]
+        nodes += [helper.make_node("Transpose", ["k_r"], ["k_t0"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Shape", ["q_t"], ["qs"]), helper.make_node("Gather", ["qs", "i2"], ["q_len"], axis=0),
+                  helper.make_node("Mul", ["q_t", "sq"], ["q_s"]), helper.make_node("Mul", ["k_t0", "sq"], ["k_t"]),
+                  helper.make_node("MatMul", ["q_s", "k_t"], ["scores0"], name="qk")]
+    elif style == "hf":
         nodes += [helper.make_node("Transpose", ["k_r"], ["k_t"], perm=[0, 2, 3, 1]),
                   helper.make_node("MatMul", ["q_t", "k_t"], ["qk"], name="qk"),
                   helper.make_node("Mul", ["qk", "scale"], ["scores0"])]
@@ -98,17 +110,30 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
     else:
         inputs.append(vi("mask", ["B", 1, 1, S]))
     nodes += [helper.make_node("Add", ["scores0", "mask"], ["scores"], name="mask_add"),
-              helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="softmax"),
-              helper.make_node("MatMul", ["probs", "v_t"], ["ctx"], name="pv"),
-              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3])]
-    if style == "hf":
+              helper.make_node("Softmax", ["scores"], ["probs0" if style == "sdpa" else "probs"], axis=-1,
+                               name="softmax")]
+    if style == "sdpa":
+        nodes += [helper.make_node("IsNaN", ["probs0"], ["nan"]),
+                  helper.make_node("Where", ["nan", "zero", "probs0"], ["probs"]),
+                  helper.make_node("MatMul", ["probs", "v_t"], ["ctx0"], name="pv"),
+                  helper.make_node("Shape", ["v_t"], ["vs"]), helper.make_node("Gather", ["vs", "i3"], ["v_dim"], axis=0),
+                  helper.make_node("Unsqueeze", ["q_len", "ax0"], ["q_len1"]),
+                  helper.make_node("Unsqueeze", ["v_dim", "ax0"], ["v_d1"]),
+                  helper.make_node("Concat", ["bu", "m1", "q_len1", "v_d1"], ["keep_shape"], axis=0),
+                  helper.make_node("Reshape", ["ctx0", "keep_shape"], ["ctx"], name="keep")]
+        inits.append(_i64([-1], "m1"))
+    else:
+        nodes.append(helper.make_node("MatMul", ["probs", "v_t"], ["ctx"], name="pv"))
+    nodes.append(helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]))
+    if style in ("hf", "sdpa"):
         nodes += [helper.make_node("Shape", ["ctx_t"], ["cs"]),
                   helper.make_node("Slice", ["cs", "st0", "en2"], ["lead"])]
         inits += [_i64([0], "st0"), _i64([-2], "en2"), _i64([H * D], "merged")]
         nodes.append(helper.make_node("Concat", ["lead", "merged"], ["merge_shape"], axis=0))
     else:
         inits.append(_i64([0, 0, H * D], "merge_shape"))
-    nodes += [helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["ctx_m"], name="merge"),
+    nodes += [helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["ctx_m"], name="merge",
+                               **({"allowzero": 1} if style == "sdpa" else {})),  # dynamo writes allowzero=1
               helper.make_node("MatMul", ["ctx_m", "Wo"], ["o_m"], name="o_proj"),
               helper.make_node("Add", ["o_m", "bo"], ["o"], name="o_bias"),
               helper.make_node("Add", ["o", "x"], ["y"], name="residual")]
@@ -154,7 +179,7 @@ def test_block_is_found_with_every_cut(style):
     assert g.head_axis_checks == []  # the mask input is declared [B, 1, 1, S]: the same for every head
 
 
-@pytest.mark.parametrize("style", ["hf", "const"])
+@pytest.mark.parametrize("style", ["hf", "const", "sdpa"])
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_removed_heads_match_the_masked_model(style, scope):
     model = attention(style)
@@ -170,6 +195,8 @@ def test_removed_heads_match_the_masked_model(style, scope):
     else:
         assert tensor_by_name(pruned, "merged").tolist() == [kept]
     onnx.checker.check_model(pruned, full_check=True)
+    if style == "sdpa":  # the Shape reads, scales, NaN guard and layout Reshape were passed
+        assert rep.structured["skipped"] == []
     masked = _masked(model, rep)
     for seed in range(3):
         feeds = _feeds(seed)
@@ -223,6 +250,18 @@ def test_blocks_that_cannot_be_cut_say_why():
         ("Softmax 'softmax'", "attention heads: 'split_shape' is also read by Reshape input 1")]
     assert _skips(attention(mask="per_head_input")) == [
         ("Softmax 'softmax'", "attention heads: the input 'mask' of Add 'mask_add' has 4 entries on the head axis")]
+
+
+def test_a_bias_shared_through_identity_says_so():
+    model = attention("hf")
+    model.graph.node.insert(0, helper.make_node("Identity", ["bq_shared"], ["bq_id"], name="share"))
+    model.graph.initializer.append(_init(np.zeros(E), "bq_shared"))
+    for n in model.graph.node:
+        if n.name == "q_bias":
+            n.input[0] = "bq_id"
+    assert _skips(model) == [("Softmax 'softmax'", "attention heads: Q's bias Add 'q_bias' reads Identity of the "
+                                                   "constant 'bq_shared' (exporters share equal biases this way), not "
+                                                   "a bias of its own")]
 
 
 def test_computed_masks_are_checked_on_a_run_of_the_model():
