@@ -27,7 +27,7 @@ import onnx
 
 from .allocation import WeightCurve, allocate, make_curve, max_zeros, min_zeros, predicted_cost, split_count, \
     to_cost, to_drift, zeros_for_cost
-from .calibration import open_calibration, split_holdout
+from .calibration import effective_batch, model_inputs, open_calibration, split_holdout
 from .config import PruneConfig, Rule
 from .drift import Metric, describe, parse_metric
 from .errors import ConfigError, GateFailed
@@ -253,7 +253,8 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
     one-shot variants (see allocation_variants), and the result carries the chosen weights."""
     start = time.perf_counter()
     calib = open_calibration(opts.calibration, model, labels=opts.labels, max_samples=opts.max_samples)
-    fit, held = split_holdout(calib, opts.holdout)
+    fixed = effective_batch(1, model_inputs(model))  # the batch the model fixes, if any
+    fit, held = split_holdout(calib, opts.holdout, batch=fixed)
     calibrated = method is not None and method.needs_calibration
     measure, stats = fit, None
     early_notes: list[str] = []
@@ -262,7 +263,8 @@ def allocate_model(model: onnx.ModelProto, cfg: PruneConfig, opts: AllocationOpt
 
         # the criterion fits on the first samples and the drift is measured on the rest: measured on the
         # samples it fitted, a re-fit looks far better than it is (and the search would over-prune)
-        stats, measure = split_holdout(fit, opts.measure_fraction) if opts.measure_fraction > 0 else (fit, fit)
+        stats, measure = split_holdout(fit, opts.measure_fraction, batch=fixed) if opts.measure_fraction > 0 \
+            else (fit, fit)
         if measure is None:  # a single sample (or batch): nothing to split
             stats, measure = fit, fit
             early_notes.append("the search data is one sample (or batch), too little to split: the drift is "

@@ -30,7 +30,7 @@ from .model_io import (
 )
 from .discovery import Skipped
 from .calibrated import apply_arrays, run_calibrated
-from .calibration import open_calibration, split_holdout
+from .calibration import effective_batch, model_inputs, open_calibration, split_holdout
 from .encoding import Format, Objective, decode_model, decode_own, has_own_encoding, encode_tensors, parse_format, parse_objective
 from .methods import MethodOptions
 from .planning import apply_rules, apply_target, load_values, plan_targets, shared_external_bytes
@@ -245,7 +245,7 @@ def _statistics(loaded: LoadedModel, method: MethodOptions | None, validation: V
         return None, validation, None
     labels = validation.labels if validation is not None and validation.calibration is method.calibration else None
     calib = open_calibration(method.calibration, loaded.proto, labels=labels, max_samples=method.max_samples)
-    fit, held = split_holdout(calib, method.holdout)
+    fit, held = split_holdout(calib, method.holdout, batch=effective_batch(1, model_inputs(loaded.proto)))
     where = {"statistics": fit.description, "statistics_samples": fit.samples,
              "holdout_samples": held.samples if held is not None else 0}
     if validation is not None:

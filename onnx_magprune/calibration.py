@@ -429,18 +429,23 @@ def samples_in(batch: Batch) -> int:
     return int(first.shape[0]) if first is not None else 1
 
 
-def split_holdout(calib: CalibrationSet, fraction: float) -> tuple[CalibrationSet, CalibrationSet | None]:
+def split_holdout(calib: CalibrationSet, fraction: float, *, batch: int = 1) -> tuple[CalibrationSet,
+                                                                                   CalibrationSet | None]:
     """``(fit, held_out)``: the first samples for statistics, the last ``fraction`` of them
     (rounded half up, at least one when ``fraction > 0``) kept apart for validation.  Sources
-    whose items are whole batches (Python feeds, ONNX test data) are split by item."""
+    whose items are whole batches (Python feeds, ONNX test data) are split by item.  ``batch``:
+    the batch size the model fixes (its samples come in multiples of it); both parts keep whole
+    batches of it."""
     whole = calib.fixed_batches
     size_of = (lambda _b: 1) if whole else samples_in
     n = calib.samples
     if n is None:
         n = sum(size_of(b) for b in calib.batches(64))
-    held = min(n - 1, max(1, math.floor(fraction * n + 0.5))) if fraction > 0 else 0
-    if n - held < 1:
-        raise CalibrationError(f"{calib.description}: {n} sample(s) cannot be split into statistics and a holdout")
+    step = 1 if whole else max(1, int(batch))
+    held = min(n - step, max(step, step * math.floor(fraction * n / step + 0.5))) if fraction > 0 else 0
+    if n - held < 1 or held < 0:
+        raise CalibrationError(f"{calib.description}: {n} sample(s) cannot be split into statistics and a holdout"
+                               + (f" in whole batches of {step} (the model fixes its batch)" if step > 1 else ""))
     unit = "batches" if whole else "samples"
 
     def part(lo: int, hi: int, what: str) -> CalibrationSet:

@@ -382,12 +382,12 @@ class StructuredRun:
         with each group alone removed at a few levels (structured_allocate).  The removals are fitted on
         the first samples and the drift measured on the last ``ALLOCATION_HOLDOUT`` of them, so the
         curves show how each re-fit generalises rather than how well it fits."""
-        from .calibration import CalibrationError, split_holdout
+        from .calibration import CalibrationError, effective_batch, model_inputs, split_holdout
 
         sm = self.stats_model
         whole = sm.calibration
         try:
-            fit, held = split_holdout(whole, ALLOCATION_HOLDOUT)
+            fit, held = split_holdout(whole, ALLOCATION_HOLDOUT, batch=effective_batch(1, model_inputs(self.proto)))
         except CalibrationError:
             fit, held = whole, None
         sm.calibration = fit

@@ -148,6 +148,27 @@ def test_split_holdout_splits_exactly():
     assert split_holdout(cal, 0.0)[1] is None
 
 
+def test_split_holdout_keeps_whole_batches_of_a_fixed_batch_model(tmp_path):
+    """A model exported with batch 2: both parts hold whole batches, so every batch runs (16 samples
+    at 0.2 would hold out 3 and leave a batch of 1)."""
+    x, _ = _feeds(n=16)
+    fit, held = split_holdout(open_calibration(str(_npz(x)), mlp((32, 64, 16))), 0.2, batch=2)
+    assert (fit.samples, held.samples) == (12, 4)
+    assert [b.feeds["x"].shape[0] for b in fit.batches(2)] == [2] * 6
+    assert split_holdout(open_calibration(str(_npz(x)), mlp((32, 64, 16))), 0.2)[1].samples == 3
+    fixed = mlp((32, 64, 16))
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    src, calib = tmp_path / "fixed.onnx", tmp_path / "c.npz"
+    onnx.save(fixed, src)
+    np.savez(calib, x=x)
+    res = CliRunner().invoke(main, ["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--sparsity", "0.5",
+                                    "--method", "obs", "--calibration", str(calib), "--holdout", "0.2",
+                                    "--report", str(tmp_path / "r.json"), "-q"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["method"]["statistics_samples"] == 12 and rep["method"]["holdout_samples"] == 4
+
+
 def _npz(x):
     import tempfile
     path = tempfile.mkdtemp() + "/c.npz"
