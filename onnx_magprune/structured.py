@@ -94,9 +94,11 @@ class UnitGroup:
     co_producers: list[str] = field(default_factory=list)  # the other weight of a gated pair, cut with it
     channel_tensors: list[str] = field(default_factory=list)  # activations whose channel count changes
     kind: str = "units"  # or "heads": an attention block (structured_heads), its units heads of ``block`` columns
-    # head groups: computed masks on the scores, (tensor, head axis from the end), whose size there
-    # must be 1 (checked on a run of the model: structured_run)
-    head_axis_checks: list[tuple[str, int]] = field(default_factory=list)
+    # head groups: sizes only a run of the model shows (structured_probe): (tensor, axis from the end,
+    # the size it must have there, what it is): a computed mask on the scores must have 1 on the head
+    # axis, a split whose head count is -1 must give the head count
+    head_axis_checks: list[tuple[str, int, int, str]] = field(default_factory=list)
+    site: str = ""  # where the group is, for messages (head groups: the attention's Softmax)
 
     def tensors(self) -> list[str]:
         return list(dict.fromkeys(s.tensor for s in self.shrinks))

@@ -16,7 +16,8 @@ split target and a constant ``H*d`` in the merge target are lowered with the
 removal.  Heads never mix before ``Wo``, so removing ``h`` equals zeroing its
 rows of ``Wo`` (the masked model).  A mask added to the scores must be the
 same for every head: a constant is checked here, a computed mask is listed in
-:attr:`UnitGroup.head_axis_checks` for a run-time check of its shape.
+:attr:`UnitGroup.head_axis_checks` for a run-time check of its shape, as is a split whose head
+count is -1 (the other target entries must leave the heads on that axis).
 
 Anything else stops the block with a reason: fused QKV layers (Split),
 grouped or multi-query attention (K/V heads repeated), a tensor of the block
@@ -51,6 +52,8 @@ class _Branch:
     labels: list[str]
     shrinks: list[Shrink] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)
+    split_output: str = ""
+    heads_inferred: bool = False  # the split's head entry is -1
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class _HeadFinder:
         self.walker = _Walker(index, include_overridable)
         self.include_overridable = include_overridable
         self.producers = {v.name: v.node for v in index.values if v.graph == "main" and v.kind == "node_output"}
+        self.ranks = _inferred_ranks(model)
 
     # -- helpers ----------------------------------------------------------------
 
@@ -98,8 +102,8 @@ class _HeadFinder:
                 continue
             readers.append(use)
         if len(readers) != 1:
-            what = readers[1].describe() if len(readers) > 1 else "nothing"
-            raise _Stop(f"'{name}' is also read by {what}" if len(readers) > 1 else f"'{name}' is read by {what}")
+            raise _Stop(f"'{name}' is read by {len(readers)} ops ({', '.join(r.describe() for r in readers[:3])})"
+                        if readers else f"'{name}' is read by nothing")
         return readers[0].node
 
     def _reads_avoid(self, shape: onnx.NodeProto, forbidden: tuple[int, ...], rank: int | None) -> bool:
@@ -153,9 +157,8 @@ class _HeadFinder:
             if part is None:
                 return out, False
             if part.kind in ("initializer", "constant"):
-                vals = numpy_helper.to_array(part.tensor).reshape(-1).tolist()
-                own = part if len(part.uses) == 1 else None
-                out += [_Entry(int(x), own, j) for j, x in enumerate(vals)][::-1]
+                vals = numpy_helper.to_array(part.tensor).reshape(-1).tolist()  # (reads outside the block
+                out += [_Entry(int(x), part, j) for j, x in enumerate(vals)][::-1]  # stop it if it is cut)
                 continue
             if self._one_element(part):
                 out.append(_Entry(None))
@@ -219,6 +222,9 @@ class _HeadFinder:
                 cur = node.input[slot]
                 continue
             if node.op_type in _PASS_UNARY:
+                if any(o is not None and o.uses for o in self.index.outputs_of(node)[1:]):
+                    raise _Stop(f"the extra output of {node.op_type} '{_label(node)}' is read")
+                tensors += [o for o in node.output[1:] if o]  # (a Dropout mask: its value_info goes too)
                 cur = node.input[0]
                 continue
             raise _Stop(f"the scores of Softmax '{_label(softmax)}' pass {node.op_type} '{_label(node)}'")
@@ -250,6 +256,7 @@ class _HeadFinder:
             if node.op_type in _PASS_UNARY and node.input[0] == cur:
                 if any(o is not None and o.uses for o in self.index.outputs_of(node)[1:]):
                     raise _Stop(f"the extra output of {node.op_type} '{_label(node)}' is read")
+                tensors += [o for o in node.output[1:] if o]
                 cur = node.output[0]
                 continue
             if node.op_type == "MatMul" and node.input[0] == cur:
@@ -269,6 +276,7 @@ class _HeadFinder:
         labels = list(q.labels[:-1]) + ["e"]
         cur = pv.output[0]
         keep_cuts: list[Shrink] = []
+        keep_checks: list[tuple[str, int, int, str]] = []
         while True:
             node = self._only_use(cur, (labels.index("h") - len(labels),), len(labels))
             tensors.append(cur)
@@ -283,7 +291,10 @@ class _HeadFinder:
                 if labels[-2:] == ["h", "e"] and self._merges(node, heads, dim):
                     merge = node
                     break
-                keep_cuts += self._keeps_layout(node, labels, heads)
+                cuts = self._keeps_layout(node, labels, heads)
+                keep_cuts += cuts
+                if not cuts:  # the head entry is -1: the run shows whether the heads stay on that axis
+                    keep_checks.append((node.output[0], labels.index("h") - len(labels), heads, "split"))
                 cur = node.output[0]
                 continue
             raise _Stop(f"the attention output reaches {node.op_type} '{_label(node)}' before its heads are merged")
@@ -300,17 +311,20 @@ class _HeadFinder:
         group.consumers.append(consumer)
         group.chain = ["Reshape", "Transpose", "MatMul"] + scalar_ops[::-1] + ["Softmax", "MatMul", "Transpose", "Reshape"]
         group.channel_tensors = list(dict.fromkeys(q.tensors + k.tensors + v.tensors + tensors))
-        group.head_axis_checks = mask_checks
+        group.head_axis_checks = mask_checks + [(b.split_output, -2, heads, "split") for b in (q, k, v)
+                                                if b.heads_inferred] + keep_checks
+        group.site = f"Softmax '{_label(softmax)}'"
         self._check_shapes_private(group)
         return group
 
     def _merges(self, node: onnx.NodeProto, heads: int, dim: int) -> bool:
         """Whether this Reshape of ``[.., heads, d]`` merges the last two axes: its target ends in
-        -1 or ``heads*d`` with no other -1 and no 0 that would copy a head axis."""
+        -1 or ``heads*d`` with no other -1 (and, with allowzero=1, no 0).  The output projection's
+        width (checked in :meth:`_consumer`) confirms the last axis is ``heads*d``."""
         entries, _complete = self._entries(node)
         if not entries or entries[0].value not in (-1, heads * dim) or any(e.value == -1 for e in entries[1:]):
             return False
-        return not (entries[0].value == 0 or (_attr(node, "allowzero", 0) and any(e.value == 0 for e in entries)))
+        return not (_attr(node, "allowzero", 0) and any(e.value == 0 for e in entries))
 
     def _keeps_layout(self, node: onnx.NodeProto, labels: list[str], heads: int) -> list[Shrink]:
         """A Reshape that gives the tensor back its own layout (PyTorch's sdpa export reshapes the
@@ -366,9 +380,9 @@ class _HeadFinder:
             return any(self._reaches_matmul(i, depth + 1) for i in node.input[1:])
         return False
 
-    def _invariant(self, name: str, hpos: int, where: str) -> list[tuple[str, int]]:
-        """Nothing when ``name`` is the same for every head; ``[(name, hpos)]`` to check at run time when
-        that is only known there; stops when it is a constant with several entries on the head axis."""
+    def _invariant(self, name: str, hpos: int, where: str) -> list[tuple[str, int, int, str]]:
+        """Nothing when ``name`` is the same for every head; a check for the run when only a run
+        shows it; stops when its declared size on the head axis is not 1 (or not declared)."""
         value = self.walker.constants.get(name)
         if value is not None:
             if value.tensor is None:
@@ -387,10 +401,10 @@ class _HeadFinder:
                     return []
                 if isinstance(dims[pos], int) and dims[pos] > 1:
                     raise _Stop(f"the input '{name}' of {where} has {dims[pos]} entries on the head axis")
-            return [(name, hpos)]
+            raise _Stop(f"the input '{name}' of {where} has no declared size on the head axis")
         if name not in self.walker.outputs:
             raise _Stop(f"the operand '{name}' of {where} is not in the main graph")
-        return [(name, hpos)]
+        return [(name, hpos, 1, "mask")]
 
     def _branch(self, name: str, role: str) -> _Branch:
         """Follow Q, K or V back from the attention MatMul to its layer."""
@@ -420,7 +434,7 @@ class _HeadFinder:
             raise _Stop(f"the target shape of Reshape '{_label(split)}' does not end in a constant head size")
         dim, head_entry = entries[0].value, entries[1]
         if head_entry.value is None or head_entry.value == 0 or head_entry.value < -1 or \
-                any(e.value == 0 for e in entries[:2]) or (head_entry.value == -1 and any(e.value == -1 for e in entries[2:])):
+                (head_entry.value == -1 and any(e.value == -1 for e in entries[2:])):
             raise _Stop(f"the target shape of Reshape '{_label(split)}' does not split [.., heads x size]")
         if _attr(split, "allowzero", 0) and any(e.value == 0 for e in entries):
             raise _Stop(f"Reshape '{_label(split)}' has allowzero=1 and a 0 entry")
@@ -483,10 +497,11 @@ class _HeadFinder:
         for s in trial.shrinks:
             shrinks.append(Shrink(s.tensor, s.axis, "producer bias", dim))
         for t in path:  # Shape reads of the leading dims (x.size()[:-1]) are fine
-            self._only_use(t, 1, len(entries) - 1 if complete else None)
+            self._only_use(t, (-1,), 2 if src.op_type == "Gemm" else self.ranks.get(t))
         if head_entry.value != -1:
             shrinks.append(self._shape_const(head_entry, split, 1))
-        return _Branch(src, weight, layout, heads, dim, labels, shrinks, path[::-1] + tensors[::-1])
+        return _Branch(src, weight, layout, heads, dim, labels, shrinks, path[::-1] + tensors[::-1],
+                       split.output[0], head_entry.value == -1)
 
     def _not_a_bias(self, role: str, add: onnx.NodeProto) -> str:
         for i in add.input:
@@ -546,6 +561,21 @@ class _HeadFinder:
                     if tgt is not None and tgt.kind == "node_output":
                         out.append(tgt.node)
         return out
+
+
+def _inferred_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor ranks from ONNX shape inference (empty when it fails, e.g. beyond protobuf's 2 GiB):
+    they tell which axis a non-negative Shape index reads."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - without ranks, only negative Shape indices pass
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is not None and tt.HasField("shape"):
+            out[vi.name] = len(tt.shape.dim)
+    return out
 
 
 def _not_a_layer(role: str, node: onnx.NodeProto) -> str:

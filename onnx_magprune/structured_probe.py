@@ -51,7 +51,7 @@ def mask_shapes(proto: onnx.ModelProto, names: Sequence[str],
 def failed_checks(proto: onnx.ModelProto, groups: Sequence[UnitGroup],
                   calibration: CalibrationSet | None) -> dict[int, str]:
     """``{index of group: why it cannot be cut}`` for the head groups whose masks differ per head."""
-    names = list(dict.fromkeys(n for g in groups for n, _axis in g.head_axis_checks))
+    names = list(dict.fromkeys(c[0] for g in groups for c in g.head_axis_checks))
     if not names:
         return {}
     try:
@@ -60,13 +60,18 @@ def failed_checks(proto: onnx.ModelProto, groups: Sequence[UnitGroup],
         return {i: f"{e}" for i, g in enumerate(groups) if g.head_axis_checks}
     out: dict[int, str] = {}
     for i, g in enumerate(groups):
-        for name, axis in g.head_axis_checks:
+        for name, axis, want, what in g.head_axis_checks:
             shape = shapes[name]
             size = shape[len(shape) + axis] if len(shape) + axis >= 0 else 1
-            if size != 1:
+            if size == want:
+                continue
+            if what == "mask":
                 out[i] = (f"the mask '{name}' added to its scores has shape {list(shape)}: {size} entries on the "
                           "head axis, so it differs per head")
-                break
+            else:
+                out[i] = (f"'{name}' has shape {list(shape)}: {size} on the head axis, not the {want} heads the "
+                          "target's -1 stands for")
+            break
     return out
 
 

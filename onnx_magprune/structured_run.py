@@ -167,7 +167,8 @@ class StructuredRun:
         if opts.unit == "heads":
             groups, skipped = find_head_groups(proto, include_overridable=cfg.include_overridable)
             failed = failed_checks(proto, groups, statistics)
-            skipped += [SkippedGroup(g.producer, g.producer_op, g.units, f"attention heads: {failed[i]}")
+            skipped += [SkippedGroup(g.site or g.producer, "Softmax" if g.site else g.producer_op, 0,
+                                     f"attention heads: {failed[i]}")
                         for i, g in enumerate(groups) if i in failed]
             groups = [g for i, g in enumerate(groups) if i not in failed]
         else:

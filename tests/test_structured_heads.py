@@ -55,7 +55,14 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
         for role in "qkv":
             nodes += [helper.make_node("MatMul", ["x", f"W{role}"], [f"{role}_m"], name=f"{role}_proj"),
                       helper.make_node("Add", [f"b{role}", f"{role}_m"], [f"{role}_a"], name=f"{role}_bias")]
-    if style in ("hf", "sdpa"):
+    if style == "classic":  # older HF: x.size()[:-1] + (H, d) of the projection itself, merge [:-2] + (H*d,)
+        inits += [_i64([0], "st0"), _i64([-1], "en1"), _i64([H, D], "hd")]
+        for role in "qkv":
+            nodes += [helper.make_node("Shape", [f"{role}_a"], [f"{role}_shp"]),
+                      helper.make_node("Slice", [f"{role}_shp", "st0", "en1"], [f"{role}_lead"]),
+                      helper.make_node("Concat", [f"{role}_lead", "hd"], [f"{role}_shape"], axis=0)]
+        split_shape = {r: f"{r}_shape" for r in "qkv"}
+    elif style in ("hf", "sdpa"):
         nodes += [helper.make_node("Shape", ["x"], ["xs"]),
                   helper.make_node("Gather", ["xs", "i0"], ["b0"], axis=0),
                   helper.make_node("Gather", ["xs", "i1"], ["s0"], axis=0),
@@ -107,6 +114,8 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
             nodes.append(helper.make_node("Expand", ["mask1", "per_head"], ["mask"]))
     elif mask == "per_head_input":
         inputs.append(vi("mask", ["B", H, S, S]))
+    elif mask == "symbolic_heads":
+        inputs.append(vi("mask", ["B", "heads", S, S]))
     else:
         inputs.append(vi("mask", ["B", 1, 1, S]))
     nodes += [helper.make_node("Add", ["scores0", "mask"], ["scores"], name="mask_add"),
@@ -125,10 +134,10 @@ def attention(style="hf", mask="input", fused=False, shared_shape_outside=False)
     else:
         nodes.append(helper.make_node("MatMul", ["probs", "v_t"], ["ctx"], name="pv"))
     nodes.append(helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]))
-    if style in ("hf", "sdpa"):
+    if style in ("hf", "sdpa", "classic"):
         nodes += [helper.make_node("Shape", ["ctx_t"], ["cs"]),
                   helper.make_node("Slice", ["cs", "st0", "en2"], ["lead"])]
-        inits += [_i64([0], "st0"), _i64([-2], "en2"), _i64([H * D], "merged")]
+        inits += [_i64([-2], "en2"), _i64([H * D], "merged")] + ([] if style == "classic" else [_i64([0], "st0")])
         nodes.append(helper.make_node("Concat", ["lead", "merged"], ["merge_shape"], axis=0))
     else:
         inits.append(_i64([0, 0, H * D], "merge_shape"))
@@ -176,10 +185,13 @@ def test_block_is_found_with_every_cut(style):
     else:  # targets end in -1: only the merged width is a constant
         expected += [("merged", 0, "shape", D)]
     assert cuts == sorted(expected)
-    assert g.head_axis_checks == []  # the mask input is declared [B, 1, 1, S]: the same for every head
+    # the mask input is declared [B, 1, 1, S]: the same for every head, nothing to check; a split whose head
+    # entry is -1 is checked on a run (the other entries must leave the heads on that axis)
+    splits = [("q_r", -2, H, "split"), ("k_r", -2, H, "split"), ("v_r", -2, H, "split")]
+    assert g.head_axis_checks == (splits if style == "hf" else [])
 
 
-@pytest.mark.parametrize("style", ["hf", "const", "sdpa"])
+@pytest.mark.parametrize("style", ["hf", "const", "sdpa", "classic"])
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_removed_heads_match_the_masked_model(style, scope):
     model = attention(style)
@@ -192,15 +204,28 @@ def test_removed_heads_match_the_masked_model(style, scope):
     if style == "const":
         assert tensor_by_name(pruned, "split_shape").tolist() == [0, 0, H // 2, D]
         assert tensor_by_name(pruned, "merge_shape").tolist() == [0, 0, kept]
+    elif style == "classic":
+        assert tensor_by_name(pruned, "hd").tolist() == [H // 2, D]
+        assert tensor_by_name(pruned, "merged").tolist() == [kept]
     else:
         assert tensor_by_name(pruned, "merged").tolist() == [kept]
     onnx.checker.check_model(pruned, full_check=True)
     if style == "sdpa":  # the Shape reads, scales, NaN guard and layout Reshape were passed
         assert rep.structured["skipped"] == []
     masked = _masked(model, rep)
+    # and a reference built without the finder: the removed heads' rows of Wo zeroed by hand
+    by_hand = onnx.ModelProto()
+    by_hand.CopyFrom(model)
+    for t in by_hand.graph.initializer:
+        if t.name == "Wo":
+            wo = numpy_helper.to_array(t).copy()
+            for h in g["removed_units"]:
+                wo[h * D:(h + 1) * D] = 0
+            t.CopyFrom(numpy_helper.from_array(wo, "Wo"))
     for seed in range(3):
         feeds = _feeds(seed)
         np.testing.assert_allclose(run_ort(pruned, feeds)[0], run_ort(masked, feeds)[0], **TOL)
+        np.testing.assert_allclose(run_ort(pruned, feeds)[0], run_ort(by_hand, feeds)[0], **TOL)
 
 
 def test_weight_norm_ranks_heads_by_their_q_k_v_columns():
@@ -232,9 +257,9 @@ def test_calibrated_head_removal_refits_the_output_projection():
         np.testing.assert_allclose(run_ort(proto, feeds)[0], run_ort(masked, feeds)[0], **TOL)
 
 
-def _skips(model, statistics=None):
+def _skips(model):
     _groups, skipped = find_head_groups(model)
-    if statistics is None and not skipped:
+    if not skipped:
         _pruned, rep = prune_model(model, 0.5, "local", structured=HEADS, min_numel=0)
         return [(s["producer"], s["reason"]) for s in rep.structured["skipped"]]
     return [(s.producer, s.reason) for s in skipped]
@@ -250,6 +275,35 @@ def test_blocks_that_cannot_be_cut_say_why():
         ("Softmax 'softmax'", "attention heads: 'split_shape' is also read by Reshape input 1")]
     assert _skips(attention(mask="per_head_input")) == [
         ("Softmax 'softmax'", "attention heads: the input 'mask' of Add 'mask_add' has 4 entries on the head axis")]
+    assert _skips(attention(mask="symbolic_heads")) == [
+        ("Softmax 'softmax'", "attention heads: the input 'mask' of Add 'mask_add' has no declared size on the head "
+                              "axis")]
+
+
+def test_a_split_whose_minus_one_is_not_the_head_count_is_skipped():
+    """[0, 0, 2, -1, d]: the -1 is half the heads (the other half sits on the axis before it).
+    Statically the block looks like 4 heads of 3; the run shows 2 on the head axis."""
+    inits = [_init(_w((E, E), 10 + i), f"W{r}") for i, r in enumerate("qkvo")]
+    inits += [_i64([0, 0, 2, -1, D], "split5"), _i64([0, 0, -1], "merge3"), _init(0.5, "scale")]
+    nodes = []
+    for r in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"W{r}"], [f"{r}_m"], name=f"{r}_proj"),
+                  helper.make_node("Reshape", [f"{r}_m", "split5"], [f"{r}_r"], name=f"{r}_split")]
+    nodes += [helper.make_node("Transpose", ["q_r"], ["q_t"], perm=[0, 2, 3, 1, 4]),
+              helper.make_node("Transpose", ["k_r"], ["k_t"], perm=[0, 2, 3, 4, 1]),
+              helper.make_node("Transpose", ["v_r"], ["v_t"], perm=[0, 2, 3, 1, 4]),
+              helper.make_node("MatMul", ["q_t", "k_t"], ["qk"], name="qk"),
+              helper.make_node("Mul", ["qk", "scale"], ["sc"]),
+              helper.make_node("Softmax", ["sc"], ["p"], axis=-1, name="softmax"),
+              helper.make_node("MatMul", ["p", "v_t"], ["ctx"], name="pv"),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 3, 1, 2, 4]),
+              helper.make_node("Reshape", ["ctx_t", "merge3"], ["ctx_m"], name="merge"),
+              helper.make_node("MatMul", ["ctx_m", "Wo"], ["y"], name="o_proj")]
+    model = make_model(nodes, [vi("x", ["B", S, E])], [vi("y", ["B", S, E])], inits)
+    (g,), _ = find_head_groups(model)
+    assert g.units == H and ("q_r", -2, H, "split") in g.head_axis_checks
+    assert _skips(model) == [("Softmax 'softmax'", "attention heads: 'q_r' has shape [1, 5, 2, 2, 3]: 2 on the head "
+                                                   "axis, not the 4 heads the target's -1 stands for")]
 
 
 def test_a_bias_shared_through_identity_says_so():
@@ -267,13 +321,13 @@ def test_a_bias_shared_through_identity_says_so():
 def test_computed_masks_are_checked_on_a_run_of_the_model():
     model = attention(mask="computed")
     (g,), _ = find_head_groups(model)
-    assert g.head_axis_checks == [("mask", -3)]
+    assert g.head_axis_checks[0] == ("mask", -3, 1, "mask")
     _pruned, rep = prune_model(model, 0.5, "local", structured=HEADS, min_numel=0)
     assert rep.structured["skipped"] == [] and rep.structured["groups"][0]["units_after"] == H // 2
     # the same graph with a mask computed per head ([B, H, S, S]): seen on the run, the block is skipped
     assert _skips(attention(mask="computed_per_head")) == [
-        ("Wq", "attention heads: the mask 'mask' added to its scores has shape [1, 4, 5, 5]: 4 entries on the head "
-               "axis, so it differs per head")]
+        ("Softmax 'softmax'", "attention heads: the mask 'mask' added to its scores has shape [1, 4, 5, 5]: 4 "
+                              "entries on the head axis, so it differs per head")]
 
 
 def test_neuron_groups_do_not_take_the_attention_layers():
