@@ -107,12 +107,25 @@ def _rounds(batch: int, quick: bool, big: bool) -> int:
     return {1: 40, 8: 16, 32: 8}[batch] if quick else {1: 200, 8: 100, 32: 30}[batch]
 
 
-def _prune(path: Path, out: Path, level: float, method: str, scope: str, calib: Path | None, n_threads: int):
+def _prune(path: Path, out: Path, level: float, method: str, scope: str, calib: Path | None, n_threads: int,
+           unit: str = "neurons"):
     opts = MethodOptions(method=method, calibration=str(calib) if method != "magnitude" else None, holdout=0.0,
                          threads=n_threads, damp=DAMP)
     t0 = time.perf_counter()
-    rep = prune_file(path, out, level, scope, structured=StructuredOptions(), method=opts, overwrite=True)
+    rep = prune_file(path, out, level, scope, structured=StructuredOptions(unit=unit), method=opts, overwrite=True)
     return rep, time.perf_counter() - t0
+
+
+def _minilm() -> tuple[Path, Path, Path] | None:
+    """(model, calib.npz, eval.npz) of all-MiniLM-L6-v2 from prepare.py, or None when it cannot be prepared."""
+    try:
+        from prepare import prepare
+
+        p = prepare()
+    except Exception as e:  # noqa: BLE001 - run on what can be prepared
+        log(f"skipping all-MiniLM-L6-v2: {e}")
+        return None
+    return Path(p["model"]), Path(p["calib"]), Path(p["eval"])
 
 
 def _common(rep, seconds: float, path: Path, out: Path) -> dict:
@@ -128,14 +141,10 @@ def _common(rep, seconds: float, path: Path, out: Path) -> dict:
 
 
 def run_minilm(quick: bool, n_threads: int, tmp: Path) -> dict | None:
-    try:
-        from prepare import prepare
-
-        p = prepare()
-    except Exception as e:  # noqa: BLE001 - run on what can be prepared
-        log(f"skipping all-MiniLM-L6-v2: {e}")
+    paths = _minilm()
+    if paths is None:
         return None
-    path, calib, evals = Path(p["model"]), Path(p["calib"]), Path(p["eval"])
+    path, calib, evals = paths
     ref = TokenReference(path, evals)
     data = dict(np.load(evals))
     batches = (1, 8, 32)
@@ -174,34 +183,23 @@ HEAD_ROWS = ((0.25, "local", 0.0, None), (0.25, "global", 0.0, None), (0.5, "glo
 QUICK_HEAD_ROWS = ((0.25, "global", 0.25, "local"),)
 
 
-def _prune_units(path: Path, out: Path, unit: str, level: float, scope: str, calib: Path, n_threads: int):
-    opts = MethodOptions(method="obs", calibration=str(calib), holdout=0.0, threads=n_threads, damp=DAMP)
-    t0 = time.perf_counter()
-    rep = prune_file(path, out, level, scope, structured=StructuredOptions(unit=unit), method=opts, overwrite=True)
-    return rep, time.perf_counter() - t0
-
-
 def run_minilm_heads(quick: bool, n_threads: int, tmp: Path) -> dict | None:
     """Attention heads removed (OBS + re-fit of the output projection), then optionally FFN neurons."""
-    try:
-        from prepare import prepare
-
-        p = prepare()
-    except Exception as e:  # noqa: BLE001 - run on what can be prepared
-        log(f"skipping all-MiniLM-L6-v2 heads: {e}")
+    paths = _minilm()
+    if paths is None:
         return None
-    path, calib, evals = Path(p["model"]), Path(p["calib"]), Path(p["eval"])
+    path, calib, evals = paths
     ref = TokenReference(path, evals)
     data = dict(np.load(evals))
     result = {"model": "minilm_heads", "rows": []}
     for heads, heads_scope, ffn, ffn_scope in (QUICK_HEAD_ROWS if quick else HEAD_ROWS):
         log(f"minilm heads {heads:.0%} ({heads_scope}) + FFN {ffn:.0%} ({ffn_scope})")
         mid = tmp / f"minilm-heads-{int(heads * 100)}-{heads_scope}.onnx"
-        rep_h, sec_h = _prune_units(path, mid, "heads", heads, heads_scope, calib, n_threads)
+        rep_h, sec_h = _prune(path, mid, heads, "obs", heads_scope, calib, n_threads, unit="heads")
         out, sec_f, rep_f = mid, 0.0, None
         if ffn:
             out = tmp / f"minilm-heads-{int(heads * 100)}-{heads_scope}-ffn-{int(ffn * 100)}-{ffn_scope}.onnx"
-            rep_f, sec_f = _prune_units(mid, out, "neurons", ffn, ffn_scope, calib, n_threads)
+            rep_f, sec_f = _prune(mid, out, ffn, "obs", ffn_scope, calib, n_threads)
         row = {"heads": heads, "heads_scope": heads_scope, "ffn": ffn, "ffn_scope": ffn_scope,
                "prune_seconds": sec_h + sec_f,
                "heads_kept": [g["units_after"] for g in rep_h.structured["groups"]],

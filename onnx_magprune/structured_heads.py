@@ -472,16 +472,7 @@ class _HeadFinder:
             src = self.producers.get(src.input[1 - slots[0]])
         if src is None or src.op_type not in ("MatMul", "Gemm") or src.domain not in ("", "ai.onnx"):
             raise _Stop(_not_a_layer(role, src) if src is not None else f"{role} does not come from a layer")
-        weight, layout = _layer_weight(src, self.index)
-        if weight is None:
-            raise _Stop(f"{role} comes from {src.op_type} '{_label(src)}' without a constant weight")
-        if src.op_type == "Gemm" and _attr(src, "transA", 0):
-            raise _Stop(f"{role} comes from Gemm '{_label(src)}' with transA=1")
-        problem = _const_problem(weight, self.include_overridable)
-        if problem:
-            raise _Stop(f"the {role} weight {problem}")
-        if len(weight.uses) != 1:
-            raise _Stop(f"the {role} weight '{weight.name}' is shared by {len(weight.uses)} ops")
+        weight, layout = self._own_weight(src, f"the {role} layer")
         width = int(weight.tensor.dims[_out_axis(layout)])
         heads = width // dim if head_entry.value == -1 else head_entry.value
         if heads * dim != width or heads < 2:
@@ -503,6 +494,20 @@ class _HeadFinder:
         return _Branch(src, weight, layout, heads, dim, labels, shrinks, path[::-1] + tensors[::-1],
                        split.output[0], head_entry.value == -1)
 
+    def _own_weight(self, node: onnx.NodeProto, what: str) -> tuple[Value, str]:
+        """The constant weight of a MatMul/Gemm that only this node reads, and its layout, or stop."""
+        weight, layout = _layer_weight(node, self.index)
+        if weight is None:
+            raise _Stop(f"{what} {node.op_type} '{_label(node)}' has no constant weight")
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            raise _Stop(f"{what} is Gemm '{_label(node)}' with transA=1")
+        problem = _const_problem(weight, self.include_overridable)
+        if problem:
+            raise _Stop(f"the weight of {what} {problem}")
+        if len(weight.uses) != 1:
+            raise _Stop(f"the weight of {what} '{weight.name}' is shared by {len(weight.uses)} ops")
+        return weight, layout
+
     def _not_a_bias(self, role: str, add: onnx.NodeProto) -> str:
         for i in add.input:
             src = self.producers.get(i)
@@ -514,16 +519,9 @@ class _HeadFinder:
 
     def _consumer(self, group: UnitGroup, merge: onnx.NodeProto, heads: int, dim: int) -> Consumer:
         node = self._only_use(merge.output[0])
-        weight, layout = _layer_weight(node, self.index)
-        if weight is None or node.op_type not in ("MatMul", "Gemm") or node.input[0] != merge.output[0]:
+        if node.op_type not in ("MatMul", "Gemm") or node.input[0] != merge.output[0]:
             raise _Stop(f"the merged heads reach {node.op_type} '{_label(node)}', not a layer's input")
-        if node.op_type == "Gemm" and _attr(node, "transA", 0):
-            raise _Stop(f"the merged heads reach Gemm '{_label(node)}' with transA=1")
-        problem = _const_problem(weight, self.include_overridable)
-        if problem:
-            raise _Stop(f"the output projection's weight {problem}")
-        if len(weight.uses) != 1:
-            raise _Stop(f"the output projection's weight '{weight.name}' is shared by {len(weight.uses)} ops")
+        weight, layout = self._own_weight(node, "the output projection")
         if int(weight.tensor.dims[_in_axis(layout)]) != heads * dim:
             raise _Stop(f"{node.op_type} '{_label(node)}' reads {weight.tensor.dims[_in_axis(layout)]} features, "
                         f"expected {heads * dim}")
