@@ -354,3 +354,53 @@ def test_cli_heads_end_to_end(tmp_path):
     res = CliRunner().invoke(main, ["prune", str(src), "-o", str(out2), "--structured", "heads", "--sparsity", "0.25",
                                     "--min-numel", "0", "--json"])
     assert res.exit_code == 0 and out2.read_bytes() == out.read_bytes()
+
+
+def _read_q_projection_shape(model, index, output):
+    """Shape(q_a) -> Gather(index): a read of the Q projection's own shape, into ``output``."""
+    model.graph.initializer.append(_i64(index, f"gi{index}"))
+    return [helper.make_node("Shape", ["q_a"], [f"qas{index}"]),
+            helper.make_node("Gather", [f"qas{index}", f"gi{index}"], [output], axis=0)]
+
+
+def test_a_shape_read_of_a_projection_takes_its_axis_from_the_inferred_rank():
+    # Gather(Shape(q_a), 0) is the batch of the rank-3 [B, S, E] projection (the rank from shape inference)
+    model = attention("hf")
+    idx = next(i for i, n in enumerate(model.graph.node) if n.output[0] == "q_shape")
+    for n in reversed(_read_q_projection_shape(model, 0, "qb") + [helper.make_node("Unsqueeze", ["qb", "ax0"], ["qbu"])]):
+        model.graph.node.insert(idx, n)
+    next(n for n in model.graph.node if n.output[0] == "q_shape").input[0] = "qbu"
+    (g,), skipped = find_head_groups(model)
+    assert skipped == [] and g.units == H
+    pruned, rep = prune_model(model, 0.5, "local", structured=HEADS, min_numel=0)
+    masked = _masked(model, rep)
+    feeds = _feeds(3)
+    np.testing.assert_allclose(run_ort(pruned, feeds)[0], run_ort(masked, feeds)[0], **TOL)
+
+
+def test_a_shape_read_of_the_width_of_a_2d_gemm_projection_stops_the_block():
+    # Gemm on [B*S, E]: Gather(Shape(q_a), 1) reads E, which the cut changes (a rank guessed from the
+    # split target [2, S, -1, d] would have taken it for S)
+    model = attention("hf")
+    g = model.graph
+    g.initializer.extend([_i64([-1, E], "flat2"), _i64([2, S, -1, D], "split4")])
+    nodes = [helper.make_node("Reshape", ["x", "flat2"], ["x2"], name="flat")]
+    for n in g.node:
+        if n.name in ("q_proj", "k_proj", "v_proj"):
+            r = n.name[0]
+            nodes.append(helper.make_node("Gemm", ["x2", f"W{r}", f"b{r}"], [f"{r}_a"], name=n.name))
+        elif n.name in ("q_split", "k_split", "v_split"):
+            n.input[1] = "split4"
+            nodes.append(n)
+        elif n.name == "residual":
+            n.output[0] = "y0"
+            nodes += [n] + _read_q_projection_shape(model, 1, "qw") + [
+                helper.make_node("Cast", ["qw"], ["qwf"], to=TensorProto.FLOAT),
+                helper.make_node("Add", ["y0", "qwf"], ["y"])]
+        elif n.name not in ("q_bias", "k_bias", "v_bias"):
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input[0].CopyFrom(vi("x", [2, S, E]))
+    assert [s.reason for s in find_head_groups(model)[1]] == [
+        "attention heads: 'q_a' is read by 2 ops (Reshape 'q_split' input 0, Shape input 0)"]
