@@ -277,6 +277,12 @@ def _by_level(rows: list[dict]):
         yield level, pick["magnitude"], pick["obs"], pick["obs_global"]
 
 
+def _measured(t: dict) -> str:
+    """A target line's measured part: batch-8 speedup (also fastest against fastest), cosine, verdict."""
+    return (f"measured {t['speedup_batch8']:.2f}x (fastest run against fastest run: "
+            f"{t['speedup_batch8_fastest']:.2f}x) and {t['cosine']:.4f}: **{'met' if t['met'] else 'not met'}**")
+
+
 def _kept(row: dict) -> str:
     return "/".join(str(g["units_after"]) for g in row["groups"])
 
@@ -319,10 +325,8 @@ def readme_section(result: dict) -> str:
                              f"{_red(obs['file_bytes_before'], obs['file_bytes_after'])} |")
             for t in result.get("targets", []):
                 lines += ["", f"Target (50% removed, OBS + re-fit, {t['scope']} scope): speedup at batch 8 >= "
-                              f"{TARGET['speedup_batch8']}x and token cosine >= {TARGET['cosine']}: measured "
-                              f"{t['speedup_batch8']:.2f}x (fastest run against fastest run: "
-                              f"{t['speedup_batch8_fastest']:.2f}x) and {t['cosine']:.4f}: "
-                              f"**{'met' if t['met'] else 'not met'}** (speed {'met' if t['speed_met'] else 'not met'}"
+                              f"{TARGET['speedup_batch8']}x and token cosine >= {TARGET['cosine']}: {_measured(t)} "
+                              f"(speed {'met' if t['speed_met'] else 'not met'}"
                               f", drift {'met' if t['cosine_met'] else 'not met'})."]
             lines.append("")
         elif r["model"] == "minilm_heads":
@@ -345,10 +349,7 @@ def readme_section(result: dict) -> str:
                 lines += ["", f"Speed and drift bar of the target (batch 8 >= {TARGET['speedup_batch8']}x, token "
                               f"cosine >= {TARGET['cosine']}) with {t['heads']:.0%} of heads ({t['heads_scope']} "
                               f"scope) and {t['ffn']:.0%} of FFN neurons ({t['ffn_scope']} scope) removed instead of "
-                              f"50% of FFN neurons: measured "
-                              f"{t['speedup_batch8']:.2f}x (fastest run against fastest run: "
-                              f"{t['speedup_batch8_fastest']:.2f}x) and {t['cosine']:.4f}: "
-                              f"**{'met' if t['met'] else 'not met'}**."]
+                              f"50% of FFN neurons: {_measured(t)}."]
             lines.append("")
         else:
             unit = r["rows"][0]["unit"]
