@@ -117,6 +117,8 @@ class _Run:
                  *, prune: bool, output: str | None, stream: bool = False,
                  method: MethodOptions | None = None, statistics=None, chosen=None):
         self.loaded, self.cfg, self.prune, self.output = loaded, cfg, prune, output
+        if method is None and cfg.scope is Scope.OUTPUT:  # per output unit needs the layer views
+            method = MethodOptions()
         self.method = method if method is not None and not method.is_plain(cfg.scope is Scope.OUTPUT) else None
         self.outcomes = None
         self.method_info = None
@@ -181,7 +183,7 @@ class _Run:
                 zeros_before=stats.zeros_before, zeros_after=stats.zeros_after,
                 sparsity=stats.zeros_after / n if n else 0.0,
                 threshold=self.plans[i].threshold if self.prune else None,
-                selection=t.selection if self.prune else "none",
+                selection=(self.outcomes and self.outcomes[i].selection or t.selection) if self.prune else "none",
                 target_sparsity=t.sparsity if self.prune else None,
                 bounds=list(t.bounds) if self.prune and t.bounds != (0.0, 1.0) else None,
                 quantization=tv.quant.describe() if tv.quant is not None else None,
@@ -195,7 +197,9 @@ class _Run:
                 method=self.outcomes[i].to_dict() if self.outcomes is not None else None,
             ))
         if encoded and all(e.format == "dense" for e in encoded.values()):
-            note = ("every weight stayed dense (sparse or compact would not be smaller here): the file is not "
+            why = ("see tensors[].format_note" if any(e.note for e in encoded.values())
+                   else "sparse or compact would not be smaller here")
+            note = (f"every weight stayed dense ({why}): the file is not "
                     "smaller and ONNX Runtime's dense kernels run it at the same speed")
         elif encoded:
             note = ("sparse and compact formats cut file and download size only: ONNX Runtime densifies sparse "
@@ -441,6 +445,7 @@ def encode_file(source: str | os.PathLike, output: str | os.PathLike, fmt: Forma
     fmt = parse_format(fmt)
     objective = parse_objective(options.pop("optimize_for", "balanced"))
     loaded = _load(source)
+    options.setdefault("nonfinite", "keep")  # nothing is pruned: NaN/Inf values are stored as they are
     cfg = _config(None, sparsity=0.0, **options)
     repack = _external(loaded)
     if repack:

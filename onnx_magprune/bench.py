@@ -24,7 +24,12 @@ import onnx
 
 from . import __version__
 from .calibration import SyntheticSpec, effective_batch, model_inputs, open_calibration, synthetic_hint
-from .model_io import count_params, iter_all_tensors
+from .discovery import find_weights
+from .encoding import decode_model, has_encoding
+from .graph_index import GraphIndex
+from .model_io import count_params, internalize_external_data, iter_all_tensors, load_model
+from .planning import quant_info
+from .quantized import QuantShapeError, dequantize
 from .progress import Progress
 from .folding import FoldCheck, can_check_in_session, check_on_cpu, decoder_weights, optimized_model_path, \
     unfolded_decoders
@@ -79,9 +84,19 @@ def file_size(model: ModelRef) -> int | None:
 
 
 def parameter_counts(model: ModelRef) -> dict[str, Any]:
-    """Elements and non-zeros of every floating-point constant, and in total."""
+    """Elements and non-zeros of every floating-point constant, and in total, counted on the dense
+    weights (sparse and compact weights decoded first); quantized weights count the entries off
+    their zero point in ``quantized_nonzero``."""
     proto = _graph_of(model)
     base = None if isinstance(model, (onnx.ModelProto, bytes)) else Path(model).parent
+    if has_encoding(proto):  # count the weights the session sees, not their stored values and codes
+        if base is None:
+            proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        else:
+            loaded = load_model(model)
+            internalize_external_data(loaded)
+            proto, base = loaded.proto, None
+        decode_model(proto)
     store = TensorStore(base)
     tensors, nonzero = [], 0
     for t in iter_all_tensors(proto):
@@ -92,8 +107,20 @@ def parameter_counts(model: ModelRef) -> dict[str, Any]:
         nz = int(np.count_nonzero(a.astype(np.float32) if a.dtype.name == "bfloat16" else a))
         nonzero += nz
         tensors.append({"name": t.name, "dtype": dtype_name(t.data_type), "numel": n, "nonzero": nz})
-    # a sparse tensor counts at its dense shape, not by its stored values and indices
-    return {"params": count_params(proto), "float_nonzero": nonzero, "tensors": tensors}
+    quantized = 0
+    for w in find_weights(GraphIndex(proto), min_numel=0).weights:
+        if w.quant is None:
+            continue
+        try:
+            info = quant_info(w.quant, store)
+            nz = int(np.count_nonzero(dequantize(store.read(w.tensor, writable=False), info)))
+        except (QuantShapeError, ValueError):
+            continue
+        quantized += nz
+        tensors.append({"name": w.name, "dtype": dtype_name(w.tensor.data_type), "numel": numel(w.tensor),
+                        "nonzero": nz})
+    return {"params": count_params(proto), "float_nonzero": nonzero, "quantized_nonzero": quantized,
+            "tensors": tensors}
 
 
 def _peak_rss_child(source: str, choice: ProviderChoice, threads: int | None) -> dict[str, int] | None:
@@ -145,7 +172,7 @@ class BenchReport:
         for m in self.models:
             rss = m.get("session_peak_rss")
             rows.append([m["model"], _mb(m["file_bytes"]), f"{m['params']['params']:,}",
-                         f"{m['params']['float_nonzero']:,}", _ms(m["session_create_seconds"]["p50"]),
+                         f"{m['params']['float_nonzero'] + m['params'].get('quantized_nonzero', 0):,}", _ms(m["session_create_seconds"]["p50"]),
                          _ms(m["latency_seconds"]["p50"]), _ms(m["latency_seconds"]["p90"]),
                          _mb(rss["peak"] - rss["before"]) if rss else "-"])
         if markdown:

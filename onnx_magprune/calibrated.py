@@ -55,6 +55,7 @@ class LayerOutcome:
     error_after: float | None = None  # the same after reconstruction
     matched_dense: bool | None = None  # re-fitted to the dense layer's output (earlier layers' error corrected)
     matched_residual: str | None = None  # ... and cancels the error of this residual stream it adds into
+    selection: str | None = None  # "local" when --scope output had no layer view (the tensor's own count)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -109,6 +110,27 @@ def _rowwise_smallest(scores: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def _quantiles(arrays: list[np.ndarray], kinds: list[str]) -> list[np.ndarray]:
+    """Scores made comparable across criteria: each finite score replaced by its quantile among the
+    scores of the same kind (stable order breaks ties), so one global cut prunes every kind to the
+    same fraction while each kind's own ranking decides which of its weights go."""
+    out: list[np.ndarray] = [np.empty(0)] * len(arrays)
+    for kind in sorted(set(kinds)):
+        idx = [j for j, k in enumerate(kinds) if k == kind]
+        flat = np.concatenate([arrays[j].ravel() for j in idx])
+        finite = np.isfinite(flat)
+        order = np.argsort(flat[finite], kind="stable")
+        q = np.empty(order.size)
+        q[order] = (np.arange(order.size) + 0.5) / max(order.size, 1)
+        ranked = np.full(flat.shape, np.inf)
+        ranked[finite] = q
+        start = 0
+        for j in idx:
+            out[j] = ranked[start:start + arrays[j].size].reshape(arrays[j].shape)
+            start += arrays[j].size
+    return out
+
+
 class _Runner:
     def __init__(self, proto, targets, values, cfg: PruneConfig, opts: MethodOptions, calibration):
         self.cfg, self.opts = cfg, opts
@@ -120,11 +142,14 @@ class _Runner:
         output_scope = cfg.scope.value == "output"
         for t, tv in zip(targets, values):
             view, why = linear_view(t.weight, index)
-            if view is not None and (opts.pattern is not None or output_scope):
-                width = int(np.prod(t.weight.tensor.dims)) // view.to_matrix(
-                    np.empty(tuple(t.weight.tensor.dims), np.uint8)).shape[0]
-                if opts.pattern is not None and width % opts.pattern.m:
-                    view, why = None, f"its reduction dimension ({width}) is not divisible by M={opts.pattern.m}"
+            if view is not None and opts.pattern is not None:
+                dims = tuple(t.weight.tensor.dims)
+                if view.layout == "conv":  # groups run along the input channels, at each kernel position
+                    width, what = int(dims[1]), "input channel count"
+                else:
+                    width, what = view.to_matrix(np.empty(dims, np.uint8)).shape[1], "reduction dimension"
+                if width % opts.pattern.m:
+                    view, why = None, f"its {what} ({width}) is not divisible by M={opts.pattern.m}"
             if view is None and opts.pattern is not None:
                 tensor = t.weight.tensor
                 self.skipped.append(Skipped(t.weight.name, t.weight.value.where(), f"pattern {opts.pattern}: {why}",
@@ -133,11 +158,18 @@ class _Runner:
             self.targets.append(t)
             self.values.append(tv)
             self.views.append(view)
-            self.fallback.append(why if view is None and (opts.needs_calibration or output_scope) else None)
+            if view is None:
+                self.fallback.append(why if opts.needs_calibration or output_scope else None)
+            elif not view.float_input and opts.needs_calibration:
+                self.fallback.append(f"its op {view.op} multiplies quantized activations (no float input rows "
+                                     "for the layer statistics)")
+            else:
+                self.fallback.append(None)
         self.cur = [self._initial(t, tv) for t, tv in zip(self.targets, self.values)]
         self.zeros_before = [int(np.count_nonzero(c == 0)) for c in self.cur]
         self.outcomes = [LayerOutcome(self._criterion(i)) for i in range(len(self.targets))]
-        self.calibrated = [i for i, v in enumerate(self.views) if v is not None and opts.needs_calibration]
+        self.calibrated = [i for i, v in enumerate(self.views)
+                           if v is not None and v.float_input and opts.needs_calibration]
         self.stats_model = None
         if self.calibrated:
             fed = {self.targets[i].weight.name: self.cur[i] for i in self.calibrated
@@ -228,13 +260,23 @@ class _Runner:
         return view.to_matrix(m) if view is not None else m.reshape(1, -1)
 
     def _scores(self, i: int, w: np.ndarray, stats: LayerStats | None) -> np.ndarray:
-        if self.fallback[i] is not None or self.outcomes[i].criterion == "magnitude" or stats is None:
+        if self._score_kind(i, stats) == "magnitude":
             s = np.abs(w)
         elif self.opts.method is Method.WANDA:
             s = wanda_scores(w, stats.col_sq)
         else:
             s = obs_saliency(w, stats.hessian, self._damp(i, stats))
         return np.ascontiguousarray(np.where(np.isfinite(w), s, np.inf))
+
+    def _score_kind(self, i: int, stats: LayerStats | None) -> str:
+        """The scale of :meth:`_scores` for weight ``i``: the criterion's, or plain magnitude."""
+        if self.fallback[i] is not None or self.outcomes[i].criterion == "magnitude" or stats is None:
+            return "magnitude"
+        return self.opts.method.value
+
+    def _note(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def _damp(self, i: int, stats: LayerStats) -> float:
         """The relative dampening, raised when there are fewer rows than input features."""
@@ -263,6 +305,14 @@ class _Runner:
                     counts[i] = rows * self.per_row[i]
         if pool:
             arrays = [self._scores(i, self._matrix(i), stats.get(i)) for i in pool]
+            kinds = [self._score_kind(i, stats.get(i)) for i in pool]
+            if len(set(kinds)) > 1:
+                arrays = _quantiles(arrays, kinds)
+                fell = [self.targets[i].weight.name for i, k in zip(pool, kinds) if k == "magnitude"]
+                self._note(f"global selection: {len(fell)} weight(s) the {self.opts.method.value} criterion cannot "
+                           f"score (e.g. '{fell[0]}', see tensors[].method.fallback) were ranked by magnitude among "
+                           "themselves, to the same sparsity as the rest (scores of different criteria are not "
+                           "comparable)")
             try:
                 plans = plan_global(arrays, min(1.0, fraction * self.cfg.sparsity),
                                     bounds=[tuple(min(1.0, fraction * b) for b in self.targets[i].bounds)
@@ -395,6 +445,8 @@ def run_calibrated(proto, targets: list[Target], values: list[TargetValues], cfg
         stats.append(ApplyStats(runner.zeros_before[i], zeros_after))
         if runner.fallback[i] is not None:
             runner.outcomes[i].fallback = runner.fallback[i]
+        if t.selection == "output" and runner.views[i] is None:
+            runner.outcomes[i].selection = "local"
     return CalibratedRun(runner.targets, runner.values, runner.outcomes, stats, runner.skipped, runner.info)
 
 

@@ -24,6 +24,7 @@ WEIGHT_SLOTS: dict[tuple[str, str], frozenset[int] | None] = {
     ("", "Gemm"): frozenset({0, 1}),
     ("", "Conv"): frozenset({1}),
     ("", "ConvTranspose"): frozenset({1}),
+    ("", "DeformConv"): frozenset({1}),
     ("", "LSTM"): frozenset({1, 2}),
     ("", "GRU"): frozenset({1, 2}),
     ("", "RNN"): frozenset({1, 2}),
@@ -31,6 +32,7 @@ WEIGHT_SLOTS: dict[tuple[str, str], frozenset[int] | None] = {
     ("com.microsoft", "FusedMatMul"): frozenset({0, 1}),
     ("com.microsoft", "FusedGemm"): frozenset({0, 1}),
     ("com.microsoft", "FusedConv"): frozenset({1}),
+    ("com.microsoft", "NhwcConv"): frozenset({1}),
     ("com.microsoft", "Attention"): frozenset({1}),
     ("com.microsoft", "GemmFastGelu"): frozenset({1}),
 }

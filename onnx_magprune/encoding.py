@@ -40,7 +40,7 @@ from . import compact_choice, compact_code, compact_graph
 from .compact_code import Objective
 from .errors import ConfigError, MagpruneError
 from .external_data import uses_external_data
-from .model_io import iter_graphs
+from .model_io import _expected_nbytes, iter_graphs
 from .tensor_data import FLOAT_TYPES, TensorStore, np_dtype, numel
 
 
@@ -223,23 +223,38 @@ def _value_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def _shadowed_names(model: onnx.ModelProto) -> set[str]:
+    """Names defined (initializer, input or node output) in more than one graph of the model."""
+    seen: dict[str, int] = {}
+    for g in iter_graphs(model):
+        names = {t.name for t in g.initializer} | {i.name for i in g.input}
+        names |= {o for n in g.node for o in n.output if o}
+        for name in names:
+            seen[name] = seen.get(name, 0) + 1
+    return {name for name, count in seen.items() if count > 1}
+
+
 def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Format, store: TensorStore,
                    overridable: Callable[[str], bool] = lambda _n: False,
                    objective: Objective = Objective.BALANCED) -> list[Encoded]:
     """Re-encode the given float tensors of ``model`` in place; returns what each became (in the
     order given).  Encoded weights go to the head of their graph in the order of their names, whatever
     order they come in, so pruning this tool's own (decoded) output again writes the same bytes."""
-    sited = []
+    sited, kept = [], []
     for i, tensor in enumerate(tensors):
-        if tensor.data_type not in FLOAT_TYPES:
-            continue  # quantized weights stay dense (their zero is the zero point, not 0)
+        if tensor.data_type not in FLOAT_TYPES:  # quantized weights stay dense (their zero is the zero point)
+            if fmt is not Format.DENSE:
+                size = _expected_nbytes(tensor) or 0
+                kept.append((i, Encoded(tensor.name, Format.DENSE.value, size, size, note=(
+                    f"{fmt.value}: a quantized weight stays dense (its pruned entries hold the zero point, not 0)"))))
+            continue
         site = _site(model, tensor)
         if site.graph is None:  # pragma: no cover - every weight is an initializer or a Constant
             raise MagpruneError(f"cannot find where tensor '{tensor.name}' is stored")
         sited.append((site.name if isinstance(site.name, str) else "", i, tensor, site))
     encoder = _Encoder(model, fmt, store, overridable, objective)
     done = [(i, encoder.encode(tensor, site)) for _n, i, tensor, site in sorted(sited, key=lambda s: s[:2])]
-    return [e for _i, e in sorted(done, key=lambda d: d[0])]
+    return [e for _i, e in sorted(done + kept, key=lambda d: d[0])]
 
 
 class _Encoder:
@@ -251,6 +266,7 @@ class _Encoder:
         self.names: set[str] | None = None
         self.heads: dict[int, int] = {}
         self.sparse_ok = _opset(model) >= SPARSE_MIN_OPSET
+        self.shadowed = _shadowed_names(model)
 
     def encode(self, tensor: TensorProto, site: "_Site") -> Encoded:
         if uses_external_data(tensor):  # pragma: no cover - callers read external data in first
@@ -262,11 +278,17 @@ class _Encoder:
         sizes = _sizes(n, nnz, item)
         bound = compact_code.bound_bytes(n, nnz, item)
         dense = Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound)
-        if site.const_node is None and (self.overridable(tensor.name)
-                                        or any(i.name == tensor.name for i in graph.input)):
-            return dense  # an overridable initializer must stay a plain initializer
         if fmt is Format.DENSE:
             return dense
+        if site.const_node is None and (self.overridable(tensor.name)
+                                        or any(i.name == tensor.name for i in graph.input)):
+            return Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound, note=(
+                f"{fmt.value}: an initializer that is also a graph input stays a plain initializer "
+                "(a caller may feed it)"))
+        if site.const_node is None and tensor.name in self.shadowed:
+            return Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound, note=(
+                f"{fmt.value}: another graph of the model defines the name '{tensor.name}' too: an initializer "
+                "may shadow it, a node output (a Constant or decoder) may not"))
         compact, note = None, None
         if fmt in (Format.COMPACT, Format.AUTO) and n > 0:
             if self.names is None:
@@ -376,6 +398,18 @@ def _own_sparse(node: onnx.NodeProto) -> bool:
 def has_own_encoding(model: onnx.ModelProto) -> bool:
     """Whether ``model`` holds weights this tool encoded (compact decoders or its sparse Constants)."""
     return any(compact_graph.weight_of(n) is not None or _own_sparse(n) for g in iter_graphs(model) for n in g.node)
+
+
+def has_encoding(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` holds compact decoders or sparse tensors (initializers or Constants) anywhere."""
+    if has_own_encoding(model):
+        return True
+    for g in iter_graphs(model, functions=True):
+        if len(getattr(g, "sparse_initializer", [])):
+            return True
+        if any(n.op_type == "Constant" and any(a.name == "sparse_value" for a in n.attribute) for n in g.node):
+            return True
+    return False
 
 
 def decode_own(model: onnx.ModelProto) -> int:

@@ -16,6 +16,14 @@ Conv W, group=1           ``[O, I, *k]``      ``W`` moved to ``[O, *k, I]`` and 
                                               so the input channel is the fastest axis
 ========================  ==================  =========================================
 
+A float weight may reach its op through one float-to-float Cast (float16 or
+bfloat16 storage computed in float32), a quantized one through its
+DequantizeLinear.  The quantized ops MatMulInteger, QLinearMatMul,
+com.microsoft QGemm and QLinearConv read their weight in the same layouts but
+multiply quantized activations: their views give the layout (output scope,
+N:M) with ``float_input=False``, and the calibrated criteria fall back to
+magnitude for them.
+
 The reduction ("in") axis of the matrix is therefore the axis N:M groups run
 along, and the rows of :meth:`LinearView.rows` line up with its columns.
 """
@@ -51,6 +59,7 @@ class LinearView:
     node: onnx.NodeProto
     trans_a: bool = False
     conv: ConvGeometry | None = None
+    float_input: bool = True  # False for quantized ops: no float activation rows for layer statistics
 
     def to_matrix(self, stored: np.ndarray) -> np.ndarray:
         if self.layout in ("matmul_b", "gemm_b"):
@@ -104,10 +113,12 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
     if use.graph != top_graph or weight.value.graph != top_graph:
         return None, "it is used inside a subgraph or function"
     direct = node.input[use.slot] == weight.name
-    if not direct and weight.quant is not None:
+    if not direct:
         producer = index.input_value(node, use.slot)
-        direct = (producer is not None and producer.node is not None and producer.node.op_type == "DequantizeLinear"
-                  and producer.node.input[0] == weight.name)
+        via = producer.node if producer is not None else None
+        direct = via is not None and via.input[0] == weight.name and (
+            (weight.quant is not None and via.op_type == "DequantizeLinear")
+            or (weight.quant is None and via.op_type == "Cast" and _attr(via, "to", 0) in _FLOAT_TYPES))
     if not direct:
         producer = index.input_value(node, use.slot)
         via = producer.node.op_type if producer is not None and producer.node is not None else "other ops"
@@ -115,6 +126,8 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
                      "the op reads directly)"
     dims = tuple(tensor.dims)
     domain, op = use.op
+    if (domain, op) in _QUANTIZED_OPS:
+        return _quantized_view(node, use.slot, _QUANTIZED_OPS[(domain, op)], dims)
     if domain != "":
         return None, f"op {domain}.{op} {_NO_VIEW}"
     other = node.input[1 - use.slot] if op in ("MatMul", "Gemm") else node.input[0]
@@ -130,18 +143,51 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
     if op == "Conv":
         if _attr(node, "group", 1) != 1:
             return None, f"grouped convolution {_NO_VIEW}"
-        spatial = len(dims) - 2
-        kernel = tuple(dims[2:])
-        geometry = ConvGeometry(
-            kernel=kernel,
-            strides=tuple(_attr(node, "strides", [1] * spatial)),
-            dilations=tuple(_attr(node, "dilations", [1] * spatial)),
-            pads=tuple(_attr(node, "pads", [0] * (2 * spatial))),
-            auto_pad=_attr(node, "auto_pad", b"NOTSET").decode() if isinstance(
-                _attr(node, "auto_pad", b"NOTSET"), bytes) else str(_attr(node, "auto_pad", "NOTSET")),
-        )
-        return LinearView(op, "conv", other, node, conv=geometry), None
+        return LinearView(op, "conv", other, node, conv=_geometry(node, dims)), None
     return None, f"op {op} {_NO_VIEW}"
+
+
+#: float element types a Cast between a float weight and its op may produce
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                          onnx.TensorProto.DOUBLE})
+
+#: quantized ops: {weight slot: (layout, activation slot)}; "gemm" is gemm_b or gemm_bt by transB
+_QUANTIZED_OPS = {
+    ("", "MatMulInteger"): {1: ("matmul_b", 0), 0: ("matmul_a", 1)},
+    ("", "QLinearMatMul"): {3: ("matmul_b", 0), 0: ("matmul_a", 3)},
+    ("com.microsoft", "QGemm"): {3: ("gemm", 0)},
+    ("", "QLinearConv"): {3: ("conv", 0)},
+}
+
+
+def _quantized_view(node: onnx.NodeProto, slot: int, slots: dict, dims: tuple[int, ...]):
+    op = node.op_type
+    if slot not in slots:
+        return None, f"a {op} weight in slot {slot} {_NO_VIEW}"
+    layout, activation = slots[slot]
+    other = node.input[activation]
+    if layout.startswith("matmul") and len(dims) != 2:
+        return None, f"a {len(dims)}-D {op} weight (batched) {_NO_VIEW}"
+    if layout == "gemm":
+        layout = "gemm_bt" if _attr(node, "transB", 0) else "gemm_b"
+        return LinearView(op, layout, other, node, trans_a=bool(_attr(node, "transA", 0)), float_input=False), None
+    if layout == "conv":
+        if _attr(node, "group", 1) != 1:
+            return None, f"grouped convolution {_NO_VIEW}"
+        return LinearView(op, "conv", other, node, conv=_geometry(node, dims), float_input=False), None
+    return LinearView(op, layout, other, node, float_input=False), None
+
+
+def _geometry(node: onnx.NodeProto, dims: tuple[int, ...]) -> ConvGeometry:
+    spatial = len(dims) - 2
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    return ConvGeometry(
+        kernel=tuple(dims[2:]),
+        strides=tuple(_attr(node, "strides", [1] * spatial)),
+        dilations=tuple(_attr(node, "dilations", [1] * spatial)),
+        pads=tuple(_attr(node, "pads", [0] * (2 * spatial))),
+        auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad),
+    )
 
 
 def _conv_pads(g: ConvGeometry, spatial_in: tuple[int, ...]) -> list[tuple[int, int]]:

@@ -183,6 +183,15 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
     return n * dtype.itemsize
 
 
+def check_external_data(loaded: LoadedModel) -> None:
+    """Check every external-data reference (file, offset, length) without reading the bytes."""
+    for tensor in iter_all_tensors(loaded.proto):
+        if uses_external_data(tensor):
+            if loaded.base_dir is None:
+                raise ModelLoadError(f"tensor '{tensor.name}' uses external data but the model has no directory")
+            parse_external_ref(tensor, loaded.base_dir, _expected_nbytes(tensor))
+
+
 def internalize_external_data(loaded: LoadedModel) -> None:
     """Read every external tensor into ``raw_data`` (checked references only)."""
     for tensor in iter_all_tensors(loaded.proto):

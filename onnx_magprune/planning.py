@@ -103,7 +103,7 @@ class TargetValues:
     quant: QuantInfo | None = None
 
 
-def _quant_info(ref: QuantRef, store: TensorStore) -> QuantInfo:
+def quant_info(ref: QuantRef, store: TensorStore) -> QuantInfo:
     scale = store.read(ref.scale.tensor)
     zp = store.read(ref.zero_point.tensor) if ref.zero_point is not None else None
     return QuantInfo(scale=scale, zero_point=zp, axis=ref.axis, block_size=ref.block_size, via=ref.via)
@@ -151,7 +151,7 @@ def load_values(targets: list[Target], store: TensorStore, *, stream: bool
             continue
         raw = store.read(tensor)
         try:
-            info = _quant_info(t.weight.quant, store)
+            info = quant_info(t.weight.quant, store)
             source = DequantizedSource(raw, info)
         except QuantShapeError as e:
             skipped.append(Skipped(t.weight.name, t.weight.value.where(), f"its {t.weight.quant.via} {e}",

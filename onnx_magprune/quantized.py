@@ -72,8 +72,10 @@ def dequantize(q: np.ndarray, info: QuantInfo) -> np.ndarray:
 
 
 def prune_to_zero_point(q: np.ndarray, pruned: np.ndarray, info: QuantInfo) -> np.ndarray:
-    """``q`` with every ``pruned`` entry set to its zero point (0 without one)."""
+    """``q`` with every ``pruned`` entry set to its zero point (0 without one).  Entries that already
+    dequantize to 0 keep their bytes (e.g. every entry of a channel whose scale is 0)."""
     out = q.copy()
+    pruned = pruned & (dequantize(q, info) != 0)
     if info.zero_point is None:
         out[pruned] = 0
     else:

@@ -126,7 +126,7 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions, which we report in one line
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
         # weights go to a side file, so the optimized model is never a >2 GiB protobuf

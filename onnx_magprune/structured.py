@@ -762,6 +762,10 @@ def _unreached_layers(model: onnx.ModelProto, index: GraphIndex) -> list[Skipped
     constant (Cast of a bfloat16 weight, DequantizeLinear, ...), and layers inside subgraphs."""
     out: list[SkippedGroup] = []
     for node in model.graph.node:
+        quantized = _quantized_layer(node, index)
+        if quantized is not None:
+            out.append(quantized)
+            continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv") \
                 or _layer_weight(node, index)[0] is not None or len(node.input) < 2:
             continue
@@ -769,15 +773,9 @@ def _unreached_layers(model: onnx.ModelProto, index: GraphIndex) -> list[Skipped
         src = v.node if v is not None and v.kind == "node_output" else None
         if src is None or src.op_type not in _DECODING or not src.input:
             continue
-        const = index.input_value(src, 0)
-        if const is None or const.kind not in ("initializer", "constant") or const.tensor is None:
+        const, dims = _decoded_from(src, index)
+        if const is None:
             continue
-        dims = list(const.tensor.dims)
-        if src.op_type == "Transpose":
-            perm = _attr(src, "perm", list(range(len(dims)))[::-1])
-            dims = [dims[p] for p in perm] if sorted(perm) == list(range(len(dims))) else []
-        elif src.op_type == "Reshape":
-            dims = []  # the shape the layer sees is not known here: no unit count
         out.append(SkippedGroup(const.name, node.op_type, _units(node.op_type, node, dims),
                                 f"its weight reaches {node.op_type} '{_label(node)}' through {src.op_type} "
                                 f"'{_label(src)}': only weights the layer reads directly are cut"))
@@ -791,6 +789,58 @@ def _unreached_layers(model: onnx.ModelProto, index: GraphIndex) -> list[Skipped
                                         f"it is inside a subgraph ({v.graph}): only the top-level graph is searched"))
                 break
     return out
+
+
+def _decoded_from(src: onnx.NodeProto, index: GraphIndex, depth: int = 4):
+    """The constant a chain of decoding ops (``_DECODING``, and the QuantizeLinear of a
+    Q -> DQ fake-quantization) computes a weight from, with the dims the layer sees (``[]`` when
+    a Reshape hides them), or ``(None, [])``."""
+    chain = [src]
+    while True:
+        v = index.input_value(chain[-1], 0)
+        if v is not None and v.kind in ("initializer", "constant") and v.tensor is not None:
+            break
+        prev = v.node if v is not None and v.kind == "node_output" else None
+        if prev is None or prev.op_type not in _DECODING + ("QuantizeLinear",) or not prev.input \
+                or len(chain) >= depth:
+            return None, []
+        chain.append(prev)
+    dims = list(v.tensor.dims)
+    for node in reversed(chain):
+        if node.op_type == "Transpose":
+            perm = _attr(node, "perm", list(range(len(dims)))[::-1])
+            dims = [dims[p] for p in perm] if sorted(perm) == list(range(len(dims))) else []
+        elif node.op_type == "Reshape":
+            dims = []  # the shape the layer sees is not known here: no unit count
+    return v, dims
+
+
+#: quantized layers the neuron search does not cut: op -> the slot of their weight
+_QUANTIZED_LAYERS = {
+    ("", "MatMulInteger"): 1, ("", "QLinearMatMul"): 3, ("", "QLinearConv"): 3, ("", "ConvInteger"): 1,
+    ("com.microsoft", "QGemm"): 3, ("com.microsoft", "MatMulNBits"): 1, ("com.microsoft", "DynamicQuantizeMatMul"): 1,
+    ("com.microsoft", "MatMulIntegerToFloat"): 1, ("com.microsoft", "QAttention"): 1,
+}
+
+
+def _quantized_layer(node: onnx.NodeProto, index: GraphIndex) -> SkippedGroup | None:
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    slot = _QUANTIZED_LAYERS.get((domain, node.op_type))
+    if slot is None or len(node.input) <= slot:
+        return None
+    v = index.input_value(node, slot)
+    if v is None or v.kind not in ("initializer", "constant") or v.tensor is None:
+        return None
+    dims = list(v.tensor.dims)
+    if node.op_type == "MatMulNBits":
+        units = int(_attr(node, "N", 0))
+    elif node.op_type in ("QLinearConv", "ConvInteger") or (node.op_type == "QGemm" and _attr(node, "transB", 0)):
+        units = int(dims[0]) if dims else 0
+    else:
+        units = int(dims[-1]) if dims else 0
+    label = f"{domain}.{node.op_type}" if domain else node.op_type
+    return SkippedGroup(v.name, label, units, f"a quantized layer ({label} '{_label(node)}'): structured removal "
+                                              "cuts float weights only (prune the float model, then quantize it)")
 
 
 def _check_overlaps(groups: list[UnitGroup], skipped: list[SkippedGroup]) -> None:

@@ -18,7 +18,7 @@ from . import __version__
 from .calibration import CalibrationError, CalibrationSet, SyntheticSpec, effective_batch, model_inputs, \
     open_calibration, samples_in, synthetic_hint
 from .metrics import Accuracy, OutputDrift, pick_label_output
-from .model_io import load_model
+from .model_io import check_external_data, load_model
 from .progress import Progress
 from .runtime import ModelRef, RuntimeFailure, available_providers, create_session, output_names, \
     resolve_providers, run
@@ -64,7 +64,9 @@ def _graph_of(model: ModelRef) -> onnx.ModelProto:
         return model
     if isinstance(model, bytes):
         return onnx.ModelProto.FromString(model)
-    return load_model(model).proto  # structure only: external data is not read
+    loaded = load_model(model)  # structure only: external data is checked, not read
+    check_external_data(loaded)
+    return loaded.proto
 
 
 def _label(model: ModelRef) -> str:

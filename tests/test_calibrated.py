@@ -264,13 +264,78 @@ def test_kept_zeros_stay_zero_when_fewer_are_asked_for():
     assert rep.tensors[0].zeros_before == rep.tensors[0].zeros_after == 32 * 16
 
 
-def test_a_weight_behind_a_cast_falls_back_to_magnitude_and_says_through_what():
-    w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((32, 16)).astype(np.float16), "W")
+def test_a_weight_behind_a_cast_is_scored_and_refitted_one_behind_a_transpose_falls_back():
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float16), "W")  # float16 storage
+    t = numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "T")
     nodes = [helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT),
-             helper.make_node("MatMul", ["x", "Wf"], ["y"])]
-    model = make_model(nodes, [vi("x", ["N", 32])], [vi("y", ["N", 16])], [w])
+             helper.make_node("MatMul", ["x", "Wf"], ["y0"]),
+             helper.make_node("Transpose", ["T"], ["Tt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Tt"], ["y1"])]
+    model = make_model(nodes, [vi("x", ["N", 32])], [vi("y0", ["N", 16]), vi("y1", ["N", 16])], [w, t])
     _, feeds = _feeds()
-    _, rep = prune_model(model, 0.5, "local", method=MethodOptions(method="obs", calibration=feeds, holdout=0.0))
-    assert rep.tensors[0].method["criterion"] == "magnitude"
-    assert rep.tensors[0].method["fallback"] == ("it reaches MatMul through Cast (the layer's input rows are known "
-                                                 "only for a weight the op reads directly)")
+    pruned, rep = prune_model(model, 0.5, "local", method=MethodOptions(method="obs", calibration=feeds, holdout=0.0))
+    by = {r.name: r for r in rep.tensors}
+    assert by["W"].method["criterion"] == "obs" and by["W"].method["refit"] is True
+    assert "fallback" not in by["W"].method and by["W"].zeros_after == 256
+    assert tensor_by_name(pruned, "W").dtype == np.float16
+    assert by["T"].method["criterion"] == "magnitude"
+    assert by["T"].method["fallback"] == ("it reaches MatMul through Transpose (the layer's input rows are known "
+                                          "only for a weight the op reads directly)")
+
+
+def test_global_pool_ranks_weights_the_criterion_cannot_score_among_themselves():
+    """A weight OBS cannot see (behind a Transpose) is scored by |w|, the others by OBS saliency: one
+    cut across both scales would empty one of them.  Each kind is cut to the same fraction instead."""
+    rng = np.random.default_rng(4)
+    a = numpy_helper.from_array((rng.standard_normal((32, 32)) * 100).astype(np.float32), "A")  # huge |w|
+    t = numpy_helper.from_array((rng.standard_normal((16, 32)) * 1e-3).astype(np.float32), "T")  # tiny |w|
+    b = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "B")
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]),
+             helper.make_node("MatMul", ["h", "B"], ["y0"]),
+             helper.make_node("Transpose", ["T"], ["Tt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Tt"], ["y1"])]
+    model = make_model(nodes, [vi("x", ["N", 32])], [vi("y0", ["N", 16]), vi("y1", ["N", 16])], [a, b, t])
+    _, feeds = _feeds()
+    pruned, rep = prune_model(model, 0.5, "global", method=MethodOptions(method="obs", calibration=feeds, holdout=0.0))
+    by = {r.name: r for r in rep.tensors}
+    assert by["T"].method["criterion"] == "magnitude" and by["T"].zeros_after == 256  # 50% of its 512
+    assert by["A"].zeros_after + by["B"].zeros_after == 768  # 50% of the 1536 OBS scores
+    assert sum(r.zeros_after for r in rep.tensors) == 1024  # round(0.5 * 2048): the total stays exact
+    assert any("ranked by magnitude among themselves" in n for n in rep.notes)
+
+
+def test_output_scope_uses_the_layout_of_cast_and_quantized_op_weights():
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float16), "W")  # [K, N] behind a Cast
+    q = numpy_helper.from_array(rng.integers(-100, 100, (16, 8)).astype(np.int8), "Q")  # MatMulInteger B [K, N]
+    nodes = [helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "Wf"], ["h"]),
+             helper.make_node("DynamicQuantizeLinear", ["h"], ["hq", "hs", "hz"]),
+             helper.make_node("MatMulInteger", ["hq", "Q", "hz"], ["yi"]),
+             helper.make_node("Mul", ["hs", "qs"], ["s"]),  # as ONNX Runtime's dynamic quantization writes it
+             helper.make_node("Cast", ["yi"], ["yf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["yf", "s"], ["y"])]
+    qs = numpy_helper.from_array(np.full(8, 0.01, np.float32), "qs")
+    model = make_model(nodes, [vi("x", ["N", 32])], [vi("y", ["N", 8])], [w, q, qs])
+    pruned, rep = prune_model(model, 0.25, "output", min_numel=1)
+    by = {r.name: r for r in rep.tensors}
+    assert by["W"].selection == "output" and by["Q"].selection == "output"
+    assert np.array_equal((tensor_by_name(pruned, "W") == 0).sum(axis=0), [8] * 16)  # round(0.25*32) per column
+    assert np.array_equal((tensor_by_name(pruned, "Q") == 0).sum(axis=0), [4] * 8)  # round(0.25*16) per column
+    _, feeds = _feeds()
+    _, rep = prune_model(model, 0.25, "output", min_numel=1,
+                         method=MethodOptions(method="wanda", calibration=feeds, holdout=0.0))
+    by = {r.name: r for r in rep.tensors}
+    assert by["W"].method["criterion"] == "wanda"
+    assert by["Q"].method["fallback"].startswith("its op MatMulInteger multiplies quantized activations")
+
+
+def test_output_scope_without_a_layer_view_reports_local_selection():
+    rng = np.random.default_rng(6)
+    t = numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "T")
+    nodes = [helper.make_node("Transpose", ["T"], ["Tt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Tt"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 32])], [vi("y", ["N", 16])], [t])
+    _, rep = prune_model(model, 0.25, "output")
+    assert rep.tensors[0].selection == "local" and rep.tensors[0].zeros_after == 128
+    assert "through Transpose" in rep.tensors[0].method["fallback"]

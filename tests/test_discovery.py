@@ -253,3 +253,13 @@ def test_lstm_gate_reordering_with_slice_and_concat():
     weights, _ = discover(m)
     assert set(weights) == {"W", "R"}
     assert len(weights["W"].uses) == 1 and weights["W"].consumers() == ["LSTM"]
+
+
+def test_deformconv_and_nhwcconv_weights_are_found():
+    w1, w2 = weight((4, 3, 3, 3), 1), weight((4, 3, 3, 3), 2)
+    nodes = [helper.make_node("DeformConv", ["x", "W1", "off"], ["y1"]),
+             helper.make_node("NhwcConv", ["x", "W2"], ["y2"], domain="com.microsoft")]
+    model = make_model(nodes, [vi("x", [1, 3, 8, 8]), vi("off", [1, 18, 6, 6])], [vi("y1", None), vi("y2", None)],
+                       [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")], opset=19)
+    found = find_weights(GraphIndex(model), min_numel=1)
+    assert sorted(w.name for w in found.weights) == ["W1", "W2"]

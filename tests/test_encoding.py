@@ -211,3 +211,52 @@ def test_auto_with_external_data_writes_a_fresh_data_file(tmp_path):
     a = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     b = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_a_subgraph_initializer_shadowing_an_outer_name_stays_dense_with_a_note():
+    """An If branch may hold its own initializer 'W' beside the outer 'W'; a Constant or decoder
+    output named 'W' in the branch would break single assignment, so that weight stays dense."""
+    rng = np.random.default_rng(9)
+    w_out, w_in = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
+    def branch(name, inits):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "W"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 16])], inits)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch("t", [numpy_helper.from_array(w_in, "W")]),
+                              else_branch=branch("e", []))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16]),
+                                       helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16]),
+                           helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 16])],
+                          [numpy_helper.from_array(w_out, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    for fmt in ("sparse", "compact", "auto"):
+        pruned, report = mp.prune_model(model, sparsity=0.9, scope="local", format=fmt)
+        onnx.checker.check_model(pruned, full_check=True)
+        ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+        notes = [t.format_note for t in report.tensors if t.format == "dense"]
+        assert any(n and "defines the name 'W' too" in n for n in notes), fmt
+
+
+def test_encode_keeps_nonfinite_values_and_overridable_initializers_say_why_they_stay_dense(tmp_path):
+    w = np.random.default_rng(10).standard_normal((32, 32)).astype(np.float32)
+    w[np.abs(w) < 1.0] = 0
+    w[0, 0], w[1, 1] = np.nan, np.inf
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                          [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    res = CliRunner().invoke(main, ["encode", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "e.onnx"),
+                                    "--format", "compact", "-q"])
+    assert res.exit_code == 0, res.output  # nothing is pruned: NaN/Inf are stored as they are
+    dec = tmp_path / "d.onnx"
+    assert CliRunner().invoke(main, ["decode", str(tmp_path / "e.onnx"), "-o", str(dec)]).exit_code == 0
+    back = numpy_helper.to_array(onnx.load(dec).graph.initializer[0])
+    assert back.tobytes() == w.tobytes()
+    g.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [32, 32]))  # IR 3 style
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    _, report = mp.prune_model(model, sparsity=0.9, format="compact", include_overridable=True, nonfinite="keep")
+    t = report.tensors[0]
+    assert t.format == "dense" and t.format_note.startswith("compact: an initializer that is also a graph input")

@@ -116,3 +116,21 @@ def test_pattern_skips_indivisible_and_unviewable_weights_with_reasons():
     assert report.tensors == []
     assert [s.reason for s in report.skipped] == ["pattern 2:4: its reduction dimension (6) is not divisible by M=4"]
     assert np.array_equal(numpy_helper.to_array(pruned.graph.initializer[0]), W)
+
+
+def test_pattern_on_a_conv_needs_its_input_channels_divisible_by_m():
+    """2:4 groups run along the input channels at each kernel position: I=6 cannot hold them even
+    though I*kH*kW = 24 is divisible by 4; I=8 can, and every group of 4 channels keeps exactly 2."""
+    rng = np.random.default_rng(3)
+    for channels, ok in ((6, False), (8, True)):
+        W = rng.standard_normal((4, channels, 2, 2)).astype(np.float32)
+        model = make_model([helper.make_node("Conv", ["x", "W"], ["y"])], [vi("x", [1, channels, 5, 5])],
+                           [vi("y", None)], [numpy_helper.from_array(W, "W")])
+        pruned, report = prune_model(model, min_numel=1, method=MethodOptions(pattern="2:4"))
+        if not ok:
+            assert [s.reason for s in report.skipped] == [
+                "pattern 2:4: its input channel count (6) is not divisible by M=4"]
+            continue
+        zeros = numpy_helper.to_array(pruned.graph.initializer[0]) == 0  # [O, I, kH, kW]
+        per_group = zeros.reshape(4, 2, 4, 2, 2).sum(axis=2)  # groups of 4 consecutive input channels
+        assert np.array_equal(per_group, np.full((4, 2, 2, 2), 2))

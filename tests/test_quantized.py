@@ -218,3 +218,42 @@ def test_matmulinteger_scales_that_cannot_be_read_say_why():
     assert mp.inspect_model(wrong).skipped[0].reason == (
         "int8 weight of MatMulInteger: the scale of shape [7] is neither per tensor nor per output column, "
         "so it is not pruned")
+
+
+def test_a_zero_scale_channel_keeps_its_bytes_and_formats_say_why_quantized_weights_stay_dense(tmp_path):
+    rng = np.random.default_rng(7)
+    q = rng.integers(-128, 128, (64, 32)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, 32).astype(np.float32)
+    scale[3] = 0.0  # a dead channel: every entry dequantizes to 0 whatever its byte
+    zp = rng.integers(-5, 6, 32).astype(np.int8)
+    model = qdq_model(q, scale, zp)
+    same, _ = mp.prune_model(model, sparsity=0.0)
+    assert np.array_equal(init_of(same, "Wq"), q)  # sparsity 0 changes nothing
+    pruned, report = mp.prune_model(model, sparsity=0.5, format="sparse")
+    changed = init_of(pruned, "Wq") != q
+    assert not changed[:, 3].any()  # already 0: its bytes stay
+    assert report.totals.zeros_after == target_count(0.5, q.size)
+    t = report.tensors[0]
+    assert t.format == "dense"
+    assert t.format_note == "sparse: a quantized weight stays dense (its pruned entries hold the zero point, not 0)"
+
+
+def test_bench_counts_the_dense_weights_of_compact_and_quantized_models(tmp_path):
+    from onnx_magprune.bench import parameter_counts
+
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g", [vi("x", [1, 64])],
+                          [vi("y", [1, 32])], [numpy_helper.from_array(w, "W")])
+    dense = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    for fmt in ("dense", "sparse", "compact"):
+        out = tmp_path / f"{fmt}.onnx"
+        onnx.save(dense, tmp_path / "m.onnx")
+        mp.prune_file(tmp_path / "m.onnx", out, 0.9, format=fmt, overwrite=True)
+        counts = parameter_counts(str(out))
+        assert (counts["params"], counts["float_nonzero"]) == (2048, 2048 - target_count(0.9, 2048)), fmt
+    q = rng.integers(-128, 128, (64, 32)).astype(np.int8)
+    model = qdq_model(q, np.full(32, 0.05, np.float32), np.zeros(32, np.int8))
+    pruned, _ = mp.prune_model(model, sparsity=0.75)
+    counts = parameter_counts(pruned)
+    assert counts["quantized_nonzero"] == int(np.count_nonzero(init_of(pruned, "Wq"))) == 2048 - 1536

@@ -517,3 +517,18 @@ def test_a_bias_computed_from_a_shared_constant_says_so():
     _, skipped = find_groups(model)
     assert skipped[0].reason == ("it reaches Add 'bias_add' whose other operand 'b0' is Identity of the constant "
                                  "'b_shared', not a constant of its own")
+
+
+def test_quantized_layers_are_skipped_with_a_reason():
+    q = numpy_helper.from_array(np.random.default_rng(11).integers(-100, 100, (16, 8)).astype(np.int8), "Q")
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "Q", "xz"], ["yi"], name="mmi"),
+             helper.make_node("Mul", ["xs", "qs"], ["s"]),
+             helper.make_node("Cast", ["yi"], ["yf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["yf", "s"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 16])], [vi("y", ["N", 8])],
+                       [q, numpy_helper.from_array(np.full(8, 0.01, np.float32), "qs")])
+    _, skipped = find_groups(model)
+    assert [(s.producer, s.producer_op, s.units, s.reason) for s in skipped] == [
+        ("Q", "MatMulInteger", 8, "a quantized layer (MatMulInteger 'mmi'): structured removal cuts float weights "
+                                  "only (prune the float model, then quantize it)")]

@@ -141,3 +141,19 @@ def test_synthetic_integers_out_of_an_index_range_get_a_hint(tmp_path):
         assert r.exit_code == 2 and hint in r.output and "unexpected" not in r.output, r.output
     for args in (["validate", str(src), str(src), "-q", "--int-range", "0,2"], ["bench", str(src), "-q", "--int-range", "0,2"]):
         assert CliRunner().invoke(main, args).exit_code == 0
+
+
+def test_truncated_external_data_is_one_line_exit_2_for_validate_and_bench(tmp_path):
+    import onnx
+    from conftest import mlp
+
+    onnx.save(mlp(), tmp_path / "dense.onnx")
+    onnx.save(mlp(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    with open(tmp_path / "m.data", "r+b") as f:
+        f.truncate(1000)
+    for args in (["validate", str(tmp_path / "m.onnx"), str(tmp_path / "dense.onnx")],
+                 ["bench", str(tmp_path / "m.onnx"), "--runs", "1", "--no-memory"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and "lies beyond the end of 'm.data' (1000 bytes)" in lines[0], res.output
