@@ -337,15 +337,25 @@ def synthetic(specs: Sequence[InputSpec], spec: SyntheticSpec = SyntheticSpec())
         elif s.shape is None:
             raise CalibrationError(f"input '{s.name}' has no known shape: give one with --shape {s.name}=...")
         else:
-            shape = tuple(d if isinstance(d, int) and d > 0 else (spec.samples if i == 0 else spec.dynamic_dim)
+            shape = tuple(d if isinstance(d, int) and (d > 0 or (d == 0 and i > 0))  # a fixed 0 is enforced
+                          else (spec.samples if i == 0 else spec.dynamic_dim)
                           for i, d in enumerate(s.shape))
         arrays[s.name] = _random(rng, s.dtype, shape, spec.int_range)
-    n = _first_axis(arrays, None, "synthetic inputs") if arrays else 0
-    if n == 0:
+    if not arrays:
         raise CalibrationError("the model has no inputs to synthesise")
     lo, hi = spec.int_range
     note = (f"SYNTHETIC inputs (seed {spec.seed}; floats N(0,1), integers in [{lo}, {hi})): "
             "this is not calibration data, so drift says little about real inputs")
+    firsts = {a.shape[0] for a in arrays.values() if a.ndim}
+    fixed = all(s.name not in spec.shapes and s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0
+                for s in specs if s.shape)
+    if len(firsts) > 1 and fixed:  # fixed shapes with no common sample axis (e.g. a Scan's state and sequence)
+        return CalibrationSet(description="synthetic (one fixed-shape feed)", synthetic=True,
+                              _make=lambda bs: iter([Batch(dict(arrays))]), samples=1, notes=[note],
+                              fixed_batches=True)
+    n = _first_axis(arrays, None, "synthetic inputs")
+    if n == 0:
+        raise CalibrationError("the model has no inputs to synthesise")
     return CalibrationSet(description="synthetic", synthetic=True,
                           _make=lambda bs: _slice_batches(arrays, None, n, bs, None), samples=n, notes=[note])
 

@@ -249,7 +249,9 @@ def sensitivity_sweep(
     calib = open_calibration(calibration, proto, labels=labels, max_samples=max_samples)
     space = PruningSpace.build(proto, config or PruneConfig())
     if not space.targets:
-        raise ConfigError("no prunable weights to sweep (see `onnx-magprune inspect`)")
+        first = next((s for s in space.skipped if s.name in space.unfed), None)  # weights it cannot feed
+        raise ConfigError("no prunable weights to sweep" + (f": e.g. '{first.name}' {first.reason}" if first else "")
+                          + " (see `onnx-magprune inspect`)")
     evaluator = DriftEvaluator(proto, space.names, calib, options.spec, options.runtime, jobs=options.jobs)
     curves = run_sweep(space, evaluator, range(len(space.targets)), options.levels, groups=options.groups,
                        quiet=options.quiet)

@@ -178,3 +178,15 @@ def test_a_scalar_input_is_fed_whole_with_every_batch(tmp_path):
                   "--calibration", str(data), "-q"]):
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output
+
+
+def test_synthetic_inputs_keep_fixed_shapes_without_a_common_sample_axis_and_fixed_zero_dims():
+    # a Scan-like signature: a state [1, 8] and a sequence [5, 1, 8]; no axis counts samples
+    model = make_model([helper.make_node("Identity", ["s"], ["y"]), helper.make_node("Identity", ["x"], ["z"])],
+                       [vi("s", [1, 8]), vi("x", [5, 1, 8])], [vi("y", [1, 8]), vi("z", [5, 1, 8])])
+    calib = open_calibration(None, model)
+    batches = list(calib.batches(32))
+    assert len(batches) == 1 and calib.samples == 1
+    assert batches[0].feeds["s"].shape == (1, 8) and batches[0].feeds["x"].shape == (5, 1, 8)
+    zero = make_model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", ["N", 0])], [vi("y", ["N", 0])])
+    assert list(open_calibration(None, zero).batches(4))[0].feeds["x"].shape == (4, 0)
