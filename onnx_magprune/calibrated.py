@@ -160,16 +160,15 @@ class _Runner:
             self.views.append(view)
             if view is None:
                 self.fallback.append(why if opts.needs_calibration or output_scope else None)
-            elif not view.float_input and opts.needs_calibration:
-                self.fallback.append(f"its op {view.op} multiplies quantized activations (no float input rows "
-                                     "for the layer statistics)")
+            elif view.unmeasured is not None and opts.needs_calibration:
+                self.fallback.append(view.unmeasured)
             else:
                 self.fallback.append(None)
         self.cur = [self._initial(t, tv) for t, tv in zip(self.targets, self.values)]
         self.zeros_before = [int(np.count_nonzero(c == 0)) for c in self.cur]
         self.outcomes = [LayerOutcome(self._criterion(i)) for i in range(len(self.targets))]
         self.calibrated = [i for i, v in enumerate(self.views)
-                           if v is not None and v.float_input and opts.needs_calibration]
+                           if v is not None and v.unmeasured is None and opts.needs_calibration]
         self.stats_model = None
         if self.calibrated:
             fed = {self.targets[i].weight.name: self.cur[i] for i in self.calibrated

@@ -135,7 +135,9 @@ def check_feeds(feeds: Mapping[str, Any], specs: Sequence[InputSpec], where: str
                 if isinstance(want, int) and want > 0 and got != want and not (axis == 0 and got % want == 0):
                     raise CalibrationError(
                         f"{where}: input '{spec.name}' has shape {list(value.shape)}, the model expects "
-                        f"{spec.describe()} (axis {axis} must be {want})")
+                        f"{spec.describe()} (axis {axis} must be "
+                        + (f"a multiple of {want}: the model fixes its batch, samples are fed {want} at a time)"
+                           if axis == 0 else f"{want})"))
         out[spec.name] = value
     return out
 

@@ -157,8 +157,7 @@ class DriftEvaluator:
                                        "calibration data: every masked output would compare nothing")
         has_labels = all(labels is not None for _, labels in batches)
         if has_labels:
-            chosen = self.spec.label_output or pick_label_output(
-                {n: (d.shape, d.dtype) for n, d in zip(state.names, state.dense[0])})
+            chosen = self.spec.label_output or pick_label_output(dict(zip(state.names, state.dense[0])))
             if chosen is not None and chosen not in state.names:
                 raise CalibrationError(f"no output named '{chosen}' to score labels against "
                                        f"(outputs: {', '.join(state.names)})")

@@ -18,11 +18,11 @@ Conv W, group=1           ``[O, I, *k]``      ``W`` moved to ``[O, *k, I]`` and 
 
 A float weight may reach its op through one float-to-float Cast (float16 or
 bfloat16 storage computed in float32), a quantized one through its
-DequantizeLinear.  The quantized ops MatMulInteger, QLinearMatMul,
-com.microsoft QGemm and QLinearConv read their weight in the same layouts but
-multiply quantized activations: their views give the layout (output scope,
-N:M) with ``float_input=False``, and the calibrated criteria fall back to
-magnitude for them.
+DequantizeLinear.  Grouped convolutions, and the quantized ops MatMulInteger,
+QLinearMatMul, com.microsoft QGemm and QLinearConv (which multiply quantized
+activations), have views that give the layout (output scope, N:M) but say in
+``unmeasured`` why their layer statistics are not collected: the calibrated
+criteria fall back to magnitude for them.
 
 The reduction ("in") axis of the matrix is therefore the axis N:M groups run
 along, and the rows of :meth:`LinearView.rows` line up with its columns.
@@ -59,7 +59,7 @@ class LinearView:
     node: onnx.NodeProto
     trans_a: bool = False
     conv: ConvGeometry | None = None
-    float_input: bool = True  # False for quantized ops: no float activation rows for layer statistics
+    unmeasured: str | None = None  # why no layer statistics are collected (the layout still holds)
 
     def to_matrix(self, stored: np.ndarray) -> np.ndarray:
         if self.layout in ("matmul_b", "gemm_b"):
@@ -100,7 +100,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 #: why a weight has no view: the calibrated criteria (layer input rows) and N:M patterns (reduction axis) need one
-_NO_VIEW = "has no linear-layer view (calibrated criteria and N:M patterns need MatMul, Gemm or ungrouped Conv)"
+_NO_VIEW = "has no linear-layer view (calibrated criteria, output scope and N:M patterns need MatMul, Gemm or Conv)"
 
 
 def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> tuple[LinearView | None, str | None]:
@@ -141,10 +141,14 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
         layout = "gemm_bt" if _attr(node, "transB", 0) else "gemm_b"
         return LinearView(op, layout, other, node, trans_a=bool(_attr(node, "transA", 0))), None
     if op == "Conv":
-        if _attr(node, "group", 1) != 1:
-            return None, f"grouped convolution {_NO_VIEW}"
-        return LinearView(op, "conv", other, node, conv=_geometry(node, dims)), None
+        return LinearView(op, "conv", other, node, conv=_geometry(node, dims), unmeasured=_grouped(node)), None
     return None, f"op {op} {_NO_VIEW}"
+
+
+def _grouped(node: onnx.NodeProto) -> str | None:
+    group = _attr(node, "group", 1)
+    return None if group == 1 else (f"a grouped convolution (group={group}): its layer statistics are not "
+                                    "collected (calibrated criteria need MatMul, Gemm or ungrouped Conv)")
 
 
 #: float element types a Cast between a float weight and its op may produce
@@ -166,16 +170,15 @@ def _quantized_view(node: onnx.NodeProto, slot: int, slots: dict, dims: tuple[in
         return None, f"a {op} weight in slot {slot} {_NO_VIEW}"
     layout, activation = slots[slot]
     other = node.input[activation]
+    why = f"its op {op} multiplies quantized activations (no float input rows for the layer statistics)"
     if layout.startswith("matmul") and len(dims) != 2:
         return None, f"a {len(dims)}-D {op} weight (batched) {_NO_VIEW}"
     if layout == "gemm":
         layout = "gemm_bt" if _attr(node, "transB", 0) else "gemm_b"
-        return LinearView(op, layout, other, node, trans_a=bool(_attr(node, "transA", 0)), float_input=False), None
+        return LinearView(op, layout, other, node, trans_a=bool(_attr(node, "transA", 0)), unmeasured=why), None
     if layout == "conv":
-        if _attr(node, "group", 1) != 1:
-            return None, f"grouped convolution {_NO_VIEW}"
-        return LinearView(op, "conv", other, node, conv=_geometry(node, dims), float_input=False), None
-    return LinearView(op, layout, other, node, float_input=False), None
+        return LinearView(op, "conv", other, node, conv=_geometry(node, dims), unmeasured=why), None
+    return LinearView(op, layout, other, node, unmeasured=why), None
 
 
 def _geometry(node: onnx.NodeProto, dims: tuple[int, ...]) -> ConvGeometry:

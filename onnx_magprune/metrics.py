@@ -183,13 +183,15 @@ def predictions(output: np.ndarray) -> np.ndarray:
     return output.reshape(-1)
 
 
-def pick_label_output(outputs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str | None:
-    """The output to score labels against: an integer output of rank 1 (a label),
-    else the first class-score output."""
-    for name, (shape, dtype) in outputs.items():
-        if dtype.kind in "iu" and len(shape) == 1:
+def pick_label_output(outputs: dict[str, object]) -> str | None:
+    """The output to score labels against, from one run's outputs: an integer output of rank 1
+    (a label), else the first class-score output.  Non-tensor outputs (a ZipMap's sequence of
+    maps) are never chosen."""
+    arrays = {n: v for n, v in outputs.items() if isinstance(v, np.ndarray)}
+    for name, v in arrays.items():
+        if v.dtype.kind in "iu" and v.ndim == 1:
             return name
-    for name, (shape, dtype) in outputs.items():
-        if looks_like_class_scores(shape, dtype) and len(shape) == 2:
+    for name, v in arrays.items():
+        if looks_like_class_scores(v.shape, v.dtype) and v.ndim == 2:
             return name
     return None

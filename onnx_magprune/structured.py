@@ -162,6 +162,9 @@ def _layout(node: onnx.NodeProto) -> str:
     return "conv" if node.op_type == "Conv" else "matmul_b"
 
 
+_SHAPE_TYPES = (TensorProto.INT64, TensorProto.INT32)  # a Reshape target's parts (int32 before a Cast)
+
+
 def _layer_weight(node: onnx.NodeProto, index: GraphIndex) -> tuple[Value | None, str | None]:
     """The constant weight of a MatMul (B) / Gemm (B) / Conv (W) node, with its layout."""
     op = node.op_type
@@ -495,9 +498,9 @@ class _Walker:
         1-element input of a Concat: that constant is cut too (role "shape").  Anything else (a split
         into attention heads) stops the group."""
         why = _Stop(_WHY_NOT["Reshape"].format(name=_label(node)))
-        if slot != 0 or state.axis != -1 or state.flat or len(node.input) < 2 or _attr(node, "allowzero", 0):
+        if slot != 0 or state.axis != -1 or state.flat or len(node.input) < 2:
             raise why
-        if not self._no_copied_dims(node):
+        if not _attr(node, "allowzero", 0) and not self._no_copied_dims(node):  # allowzero=1 copies no dim
             raise why
         const, count = self._last_dim(node), None
         if const is not None:
@@ -506,14 +509,24 @@ class _Walker:
                 raise why
             g.shrinks.append(Shrink(const.name, -1, "shape"))
         elif not self._last_dim_is_own(node):
-            raise why
+            shared = self._shared_target(node, g.units)
+            raise _Stop(shared) if shared else why
         g.chain.append("Reshape")
         return [(node.output[0], _State(axis=-1, rank=self._target_rank(node)))]
+
+    def _target(self, node: onnx.NodeProto) -> Value | None:
+        """A Reshape's target shape, seen through one Cast read by it alone (tf2onnx casts an int32
+        Concat of shape parts to int64)."""
+        v = self.index.input_value(node, 1)
+        while v is not None and v.kind == "node_output" and v.node.op_type == "Cast" and len(v.uses) == 1 \
+                and v.node.domain in ("", "ai.onnx"):
+            v = self.index.input_value(v.node, 0)
+        return v
 
     def _target_rank(self, node: onnx.NodeProto) -> int | None:
         """The rank a Reshape produces, when its shape is a constant vector or a Concat of 1-element
         parts (constants of one element, Unsqueeze of a Gather of one index), else None."""
-        v = self.index.input_value(node, 1)
+        v = self._target(node)
         if v is not None and v.kind in ("initializer", "constant") and len(v.tensor.dims) == 1:
             return int(v.tensor.dims[0])
         src = v.node if v is not None and v.kind == "node_output" else None
@@ -581,7 +594,7 @@ class _Walker:
         """Whether a Reshape's last target dimension is its input's own last dimension, read at run time:
         the last part of a Concat that is ``Slice(Shape(x), -1, end)`` or ``Gather(Shape(x), -1)`` (through
         Squeeze/Unsqueeze/Cast), ``x`` being the Reshape's input."""
-        v = self.index.input_value(node, 1)
+        v = self._target(node)
         src = v.node if v is not None and v.kind == "node_output" else None
         if src is None or src.op_type != "Concat" or not src.input:
             return False
@@ -619,7 +632,7 @@ class _Walker:
     def _no_copied_dims(self, node: onnx.NodeProto) -> bool:
         """Whether no constant entry of a Reshape's target shape is 0 (a copy of the input's dimension
         at that index, which may be the units'): with ``allowzero=0`` it would move with the removal."""
-        v = self.index.input_value(node, 1)
+        v = self._target(node)
         parts = [v]
         if v is not None and v.kind == "node_output" and v.node.op_type == "Concat":
             parts = [self.index.input_value(v.node, i) for i in range(len(v.node.input))]
@@ -631,21 +644,50 @@ class _Walker:
 
     def _last_dim(self, node: onnx.NodeProto) -> Value | None:
         """The constant holding a Reshape's last target dimension, read by nothing else, or None."""
-        v = self.index.input_value(node, 1)
+        v = self._target(node)
         if v is None or len(v.uses) != 1:
             return None
         if v.kind in ("initializer", "constant"):
-            return v if v.tensor.data_type == TensorProto.INT64 and len(v.tensor.dims) == 1 \
+            return v if v.tensor.data_type in _SHAPE_TYPES and len(v.tensor.dims) == 1 \
                 and not _const_problem(v, self.include_overridable, need_float=False) else None
         src = v.node if v.kind == "node_output" else None
         if src is None or src.op_type != "Concat" or src.domain not in ("", "ai.onnx") or not src.input:
             return None
         last = self.index.input_value(src, len(src.input) - 1)
         if last is None or len(last.uses) != 1 or last.kind not in ("initializer", "constant") \
-                or last.tensor.data_type != TensorProto.INT64 or list(last.tensor.dims) != [1] \
+                or last.tensor.data_type not in _SHAPE_TYPES or list(last.tensor.dims) != [1] \
                 or _const_problem(last, self.include_overridable, need_float=False):
             return None
         return last
+
+    def _shared_target(self, node: onnx.NodeProto, units: int) -> str | None:
+        """Why a Reshape that keeps the units as its last axis cannot be cut: its target's last entry
+        is the unit count but the target (or that entry) is read elsewhere too.  None otherwise."""
+        v = self._target(node)
+        if v is None:
+            return None
+        last = v
+        if v.kind == "node_output" and v.node.op_type == "Concat" and v.node.input:
+            last = self.index.input_value(v.node, len(v.node.input) - 1)
+        if last is None or last.kind not in ("initializer", "constant") or last.tensor is None \
+                or last.tensor.data_type not in _SHAPE_TYPES:
+            return None
+        entries = numpy_helper.to_array(last.tensor).reshape(-1)
+        if not entries.size or int(entries[-1]) != units:
+            return None
+        path = {id(node)}  # the nodes from the target to the Reshape (the Concat, Casts)
+        cur = self.index.input_value(node, 1)
+        while cur is not None and cur.kind == "node_output" and cur.name != v.name:
+            path.add(id(cur.node))
+            cur = self.index.input_value(cur.node, 0)
+        if last is not v:
+            path.add(id(v.node))
+        other = next((u for held in (v, last) for u in held.uses if u.node is None or id(u.node) not in path), None)
+        if other is None:
+            return None
+        return (f"it reaches Reshape '{_label(node)}', which keeps the units as the last axis, but its target "
+                f"shape's unit count '{last.name}' is also read by {other.describe()}: cutting it would change "
+                "that too")
 
     def _flatten(self, g: UnitGroup, node: onnx.NodeProto, state: _State):
         if _attr(node, "axis", 1) != 1 or state.rank is None or state.axis != -(state.rank - 1):

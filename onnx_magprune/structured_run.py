@@ -441,8 +441,8 @@ class StructuredRun:
             mask = batch.feeds.get(sm.mask_input) if sm.mask_input else None
             for name in names:
                 y, yd = outs[name], self._dense_outputs[i][name]
-                if not np.issubdtype(y.dtype, np.floating):
-                    continue
+                if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.floating):
+                    continue  # labels, and non-tensor outputs (a ZipMap's sequence of maps)
                 if mask is not None and y.shape[:mask.ndim] == mask.shape:
                     y, yd = y[mask != 0], yd[mask != 0]
                 y, yd = y.astype(np.float64).ravel(), yd.astype(np.float64).ravel()

@@ -136,7 +136,7 @@ def validate_models(
                 drifts[n].update(d, p)
             if batch.labels is not None:
                 if accuracy is None:
-                    chosen = label_output or pick_label_output({n: (d.shape, d.dtype) for n, d in zip(names, d_out)})
+                    chosen = label_output or pick_label_output(dict(zip(names, d_out)))
                     if chosen is None or chosen not in names:
                         raise CalibrationError(
                             f"cannot tell which output to score labels against (outputs: {', '.join(names)}); "

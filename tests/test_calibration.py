@@ -190,3 +190,12 @@ def test_synthetic_inputs_keep_fixed_shapes_without_a_common_sample_axis_and_fix
     assert batches[0].feeds["s"].shape == (1, 8) and batches[0].feeds["x"].shape == (5, 1, 8)
     zero = make_model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", ["N", 0])], [vi("y", ["N", 0])])
     assert list(open_calibration(None, zero).batches(4))[0].feeds["x"].shape == (4, 0)
+
+
+def test_a_fixed_batch_asks_for_a_multiple_of_it(tmp_path):
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [vi("x", [2, 4])], [vi("y", [2, 4])])
+    np.savez(tmp_path / "c.npz", x=np.zeros((7, 4), np.float32))
+    with pytest.raises(CalibrationError, match=r"axis 0 must be a multiple of 2: the model fixes its batch"):
+        open_calibration(str(tmp_path / "c.npz"), model)
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 4), np.float32))
+    assert open_calibration(str(tmp_path / "d.npz"), model).samples == 8

@@ -94,10 +94,10 @@ def test_conv_two_four_groups_run_along_input_channels():
                           [vi("x", [2, 8])], [vi("z", None)], [numpy_helper.from_array(W, "W")]), "feeds 2 ops"),
     (lambda W: make_model([helper.make_node("Transpose", ["W"], ["Wt"]), helper.make_node("MatMul", ["x", "Wt"], ["y"])],
                           [vi("x", [2, 8])], [vi("y", None)], [numpy_helper.from_array(W, "W")]), "through Transpose"),
-    (lambda W: make_model([helper.make_node("Conv", ["x", "W4"], ["y"], group=2)], [vi("x", [1, 4, 3, 3])],
-                          [vi("y", None)], [numpy_helper.from_array(W.reshape(8, 2, 2, 2), "W4")]),
-     "grouped convolution has no linear-layer view (calibrated criteria and N:M patterns need MatMul, Gemm or "
-     "ungrouped Conv)"),
+    (lambda W: make_model([helper.make_node("Gemm", ["W", "x"], ["y"])], [vi("x", [8, 2])], [vi("y", None)],
+                          [numpy_helper.from_array(W, "W")]),
+     "a Gemm weight in slot A has no linear-layer view (calibrated criteria, output scope and N:M patterns need "
+     "MatMul, Gemm or Conv)"),
 ])
 def test_layouts_without_a_view_say_why(build, reason):
     W = np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32)
@@ -134,3 +134,22 @@ def test_pattern_on_a_conv_needs_its_input_channels_divisible_by_m():
         zeros = numpy_helper.to_array(pruned.graph.initializer[0]) == 0  # [O, I, kH, kW]
         per_group = zeros.reshape(4, 2, 4, 2, 2).sum(axis=2)  # groups of 4 consecutive input channels
         assert np.array_equal(per_group, np.full((4, 2, 2, 2), 2))
+
+
+def test_grouped_conv_output_scope_and_pattern_use_its_layout_and_calibrated_criteria_fall_back():
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)  # group=2: 8 output channels, 4 inputs each
+    model = make_model([helper.make_node("Conv", ["x", "W"], ["y"], group=2, pads=[1, 1, 1, 1])],
+                       [vi("x", ["N", 8, 6, 6])], [vi("y", None)], [numpy_helper.from_array(W, "W")])
+    pruned, report = prune_model(model, 0.5, "output", min_numel=1)
+    zeros = numpy_helper.to_array(pruned.graph.initializer[0]) == 0
+    assert report.tensors[0].selection == "output"
+    assert np.array_equal(zeros.reshape(8, -1).sum(axis=1), [18] * 8)  # round(0.5 * 36) per output channel
+    pruned, _ = prune_model(model, min_numel=1, method=MethodOptions(pattern="2:4"))
+    zeros = numpy_helper.to_array(pruned.graph.initializer[0]) == 0
+    assert np.array_equal(zeros.sum(axis=1), np.full((8, 3, 3), 2))  # 2 of the 4 inputs per position
+    x = rng.standard_normal((20, 8, 6, 6)).astype(np.float32)
+    _, report = prune_model(model, 0.5, "local", min_numel=1,
+                            method=MethodOptions(method="wanda", calibration=[{"x": x}], holdout=0.0))
+    assert report.tensors[0].method["criterion"] == "magnitude"
+    assert report.tensors[0].method["fallback"].startswith("a grouped convolution (group=2): its layer statistics")

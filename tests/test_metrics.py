@@ -54,10 +54,11 @@ def test_accuracy_and_label_output_choice():
     assert (r["dense"], r["pruned"]) == (pytest.approx(2 / 3), pytest.approx(1 / 3))
     assert r["drop"] == pytest.approx(1 / 3)
     assert predictions(np.array([2, 1])).tolist() == [2, 1]
-    outs = {"probabilities": ((5, 10), np.dtype(np.float32)), "label": ((5,), np.dtype(np.int64))}
+    zipmap = [{0: 0.1, 1: 0.9}] * 5  # skl2onnx's ZipMap: a sequence of maps, never chosen
+    outs = {"probabilities": zipmap, "scores": np.zeros((5, 10), np.float32), "label": np.zeros(5, np.int64)}
     assert pick_label_output(outs) == "label"
-    assert pick_label_output({"logits": ((5, 10), np.dtype(np.float32))}) == "logits"
-    assert pick_label_output({"emb": ((5, 3, 4), np.dtype(np.float32))}) is None
+    assert pick_label_output({"p": zipmap, "logits": np.zeros((5, 10), np.float32)}) == "logits"
+    assert pick_label_output({"p": zipmap, "emb": np.zeros((5, 3, 4), np.float32)}) is None
 
 
 def test_shape_mismatch_is_reported():

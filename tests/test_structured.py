@@ -314,6 +314,34 @@ def test_gpt2_conv1d_reshapes_are_followed_and_their_sizes_cut():
     other.graph.node.append(helper.make_node("Reshape", ["x", "nf16"], ["spare"]))
     _, rep = prune_model(other, 0.5, "local", structured=S, min_numel=0)
     assert rep.structured["groups"] == [] and any("reaches Reshape" in s["reason"] for s in rep.structured["skipped"])
+    assert any("keeps the units as the last axis, but its target shape's unit count 'nf16' is also read by "
+               "Reshape" in s["reason"] for s in rep.structured["skipped"])
+
+
+def test_a_tensordot_style_reshape_with_allowzero_and_an_int32_target_behind_a_cast_is_cut():
+    """tf2onnx's Dense on [B, T, C]: Reshape(x, [-1, C]) -> MatMul -> Reshape(h, Cast(Concat(Shape(x)[:2]
+    as int32, [units]))); dynamo writes allowzero=1 on such reshapes."""
+    i32 = lambda name, v: numpy_helper.from_array(np.array(v, np.int32), name)  # noqa: E731
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]),
+             helper.make_node("MatMul", ["x2", "W1"], ["h2"]),
+             helper.make_node("Shape", ["x"], ["sx"]),
+             helper.make_node("Slice", ["sx", "s0", "s2"], ["lead"]),
+             helper.make_node("Cast", ["lead"], ["lead32"], to=TensorProto.INT32),
+             helper.make_node("Concat", ["lead32", "units"], ["t32"], axis=0),
+             helper.make_node("Cast", ["t32"], ["t64"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["h2", "t64"], ["h"], allowzero=1),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", "T", 8])], [vi("y", ["N", "T", 8])],
+                       [_init(_w((8, 16), 1), "W1"), _init(_w((16, 8), 2), "W2"), i64("flat", [-1, 8]),
+                        i64("s0", [0]), i64("s2", [2]), i32("units", [16])])
+    pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
+    (group,) = rep.structured["groups"]
+    assert group["producer"] == "W1" and group["units_after"] == 8
+    units = next(t for t in pruned.graph.initializer if t.name == "units")
+    assert units.data_type == TensorProto.INT32 and numpy_helper.to_array(units).tolist() == [8]
+    _check_equal(model, pruned, rep, {"x": _w((2, 3, 8), 43)})
 
 
 @pytest.mark.parametrize("gate_first", [True, False])

@@ -157,3 +157,47 @@ def test_truncated_external_data_is_one_line_exit_2_for_validate_and_bench(tmp_p
         assert res.exit_code == 2, res.output
         lines = res.output.strip().splitlines()
         assert len(lines) == 1 and "lies beyond the end of 'm.data' (1000 bytes)" in lines[0], res.output
+
+
+def _zipmap_classifier():
+    """A scikit-learn-style classifier: a label output and a ZipMap (sequence of maps) of probabilities."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(12)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "W0"),
+             numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b0"),
+             numpy_helper.from_array(rng.standard_normal((32, 4)).astype(np.float32), "W1")]
+    nodes = [helper.make_node("MatMul", ["X", "W0"], ["m0"]), helper.make_node("Add", ["m0", "b0"], ["a0"]),
+             helper.make_node("Relu", ["a0"], ["r0"]), helper.make_node("MatMul", ["r0", "W1"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+             helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0),
+             helper.make_node("ZipMap", ["probs"], ["output_probability"], domain="ai.onnx.ml",
+                              classlabels_int64s=[0, 1, 2, 3])]
+    zipmap_type = onnx.TypeProto()
+    zipmap_type.sequence_type.elem_type.map_type.key_type = TensorProto.INT64
+    zipmap_type.sequence_type.elem_type.map_type.value_type.tensor_type.elem_type = TensorProto.FLOAT
+    outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+               helper.make_value_info("output_probability", zipmap_type)]
+    g = helper.make_graph(nodes, "clf", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 16])],
+                          outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+
+
+def test_a_zipmap_output_is_passed_over_for_labels_and_drift(tmp_path):
+    import onnx
+
+    onnx.save(_zipmap_classifier(), tmp_path / "m.onnx")
+    rng = np.random.default_rng(13)
+    np.savez(tmp_path / "cal.npz", X=rng.standard_normal((64, 16)).astype(np.float32))
+    np.save(tmp_path / "lab.npy", rng.integers(0, 4, 64).astype(np.int64))
+    src, cal, lab = str(tmp_path / "m.onnx"), str(tmp_path / "cal.npz"), str(tmp_path / "lab.npy")
+    assert CliRunner().invoke(main, ["prune", src, "-o", str(tmp_path / "p.onnx"), "--sparsity", "0.5",
+                                     "-q"]).exit_code == 0
+    res = CliRunner().invoke(main, ["validate", src, str(tmp_path / "p.onnx"), "--calibration", cal, "--labels", lab,
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["accuracy"]["output"] == "label"
+    res = CliRunner().invoke(main, ["prune", src, "-o", str(tmp_path / "s.onnx"), "--sparsity", "0.25",
+                                    "--structured", "neurons", "--calibration", cal, "-q"])
+    assert res.exit_code == 0, res.output
