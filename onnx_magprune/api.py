@@ -99,9 +99,9 @@ def _has_external_data(loaded: LoadedModel) -> bool:
 
 
 def _dense_bytes(tensor: onnx.TensorProto) -> int:
-    from .model_io import _expected_nbytes
+    from .model_io import expected_nbytes
 
-    return _expected_nbytes(tensor) or 0
+    return expected_nbytes(tensor) or 0
 
 
 def _total_params(model: onnx.ModelProto) -> int:

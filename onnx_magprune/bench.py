@@ -25,7 +25,7 @@ import onnx
 from . import __version__
 from .calibration import SyntheticSpec, effective_batch, model_inputs, open_calibration, synthetic_hint
 from .discovery import find_weights
-from .encoding import decode_model, has_encoding
+from .encoding import decode_model, decoder_inputs, has_encoding
 from .graph_index import GraphIndex
 from .model_io import count_params, internalize_external_data, iter_all_tensors, load_model
 from .planning import quant_info
@@ -92,10 +92,11 @@ def parameter_counts(model: ModelRef) -> dict[str, Any]:
     if has_encoding(proto):  # count the weights the session sees, not their stored values and codes
         if base is None:
             proto = onnx.ModelProto.FromString(proto.SerializeToString())
-        else:
+        else:  # decoding reads the decoders' constants and sparse parts; the rest stays in its files
             loaded = load_model(model)
-            internalize_external_data(loaded)
-            proto, base = loaded.proto, None
+            needed = decoder_inputs(loaded.proto)
+            internalize_external_data(loaded, only=lambda t, sparse_part: sparse_part or t.name in needed)
+            proto = loaded.proto
         decode_model(proto)
     store = TensorStore(base)
     tensors, nonzero = [], 0

@@ -57,8 +57,8 @@ class LayerOutcome:
     matched_residual: str | None = None  # ... and cancels the error of this residual stream it adds into
     selection: str | None = None  # "local" when --scope output had no layer view (the tensor's own count)
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+    def to_dict(self) -> dict:  # (selection is the report's tensors[].selection, not repeated here)
+        return {k: v for k, v in self.__dict__.items() if v is not None and k != "selection"}
 
 
 @dataclass
@@ -111,19 +111,20 @@ def _rowwise_smallest(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _quantiles(arrays: list[np.ndarray], kinds: list[str]) -> list[np.ndarray]:
-    """Scores made comparable across criteria: each finite score replaced by its quantile among the
-    scores of the same kind (stable order breaks ties), so one global cut prunes every kind to the
-    same fraction while each kind's own ranking decides which of its weights go."""
+    """Scores made comparable across criteria: each finite positive score replaced by its quantile
+    among the positive scores of the same kind (stable order breaks ties), so one global cut prunes
+    every kind's remaining weights to the same fraction while each kind's own ranking decides which
+    go.  Scores of 0 (weights already zero) stay 0, so they are taken first whatever their kind."""
     out: list[np.ndarray] = [np.empty(0)] * len(arrays)
     for kind in sorted(set(kinds)):
         idx = [j for j, k in enumerate(kinds) if k == kind]
         flat = np.concatenate([arrays[j].ravel() for j in idx])
-        finite = np.isfinite(flat)
-        order = np.argsort(flat[finite], kind="stable")
+        live = np.isfinite(flat) & (flat != 0)
+        order = np.argsort(flat[live], kind="stable")
         q = np.empty(order.size)
-        q[order] = (np.arange(order.size) + 0.5) / max(order.size, 1)
-        ranked = np.full(flat.shape, np.inf)
-        ranked[finite] = q
+        q[order] = (np.arange(order.size) + 1.0) / max(order.size, 1)
+        ranked = np.where(np.isfinite(flat), 0.0, np.inf)
+        ranked[live] = q
         start = 0
         for j in idx:
             out[j] = ranked[start:start + arrays[j].size].reshape(arrays[j].shape)

@@ -352,8 +352,10 @@ def synthetic(specs: Sequence[InputSpec], spec: SyntheticSpec = SyntheticSpec())
     fixed = all(s.name not in spec.shapes and s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0
                 for s in specs if s.shape)
     if len(firsts) > 1 and fixed:  # fixed shapes with no common sample axis (e.g. a Scan's state and sequence)
+        fixed_note = ("the model fixes every input's shape and they share no sample axis: one synthetic feed of "
+                      "those shapes is used (--samples and --batch-size do not apply)")
         return CalibrationSet(description="synthetic (one fixed-shape feed)", synthetic=True,
-                              _make=lambda bs: iter([Batch(dict(arrays))]), samples=1, notes=[note],
+                              _make=lambda bs: iter([Batch(dict(arrays))]), samples=1, notes=[note, fixed_note],
                               fixed_batches=True)
     n = _first_axis(arrays, None, "synthetic inputs")
     if n == 0:

@@ -40,7 +40,7 @@ from . import compact_choice, compact_code, compact_graph
 from .compact_code import Objective
 from .errors import ConfigError, MagpruneError
 from .external_data import uses_external_data
-from .model_io import _expected_nbytes, iter_graphs
+from .model_io import expected_nbytes, iter_graphs
 from .tensor_data import FLOAT_TYPES, TensorStore, np_dtype, numel
 
 
@@ -244,7 +244,7 @@ def encode_tensors(model: onnx.ModelProto, tensors: list[TensorProto], fmt: Form
     for i, tensor in enumerate(tensors):
         if tensor.data_type not in FLOAT_TYPES:  # quantized weights stay dense (their zero is the zero point)
             if fmt is not Format.DENSE:
-                size = _expected_nbytes(tensor) or 0
+                size = expected_nbytes(tensor) or 0
                 kept.append((i, Encoded(tensor.name, Format.DENSE.value, size, size, note=(
                     f"{fmt.value}: a quantized weight stays dense (its pruned entries hold the zero point, not 0)"))))
             continue
@@ -398,6 +398,15 @@ def _own_sparse(node: onnx.NodeProto) -> bool:
 def has_own_encoding(model: onnx.ModelProto) -> bool:
     """Whether ``model`` holds weights this tool encoded (compact decoders or its sparse Constants)."""
     return any(compact_graph.weight_of(n) is not None or _own_sparse(n) for g in iter_graphs(model) for n in g.node)
+
+
+def decoder_inputs(model: onnx.ModelProto) -> set[str]:
+    """Names of the constants the compact decoders of ``model`` read (what decoding needs in memory)."""
+    names: set[str] = set()
+    for g in iter_graphs(model):
+        for nodes in compact_graph.find_decoders(g).values():
+            names.update(i for nd in nodes for i in nd.input)
+    return names
 
 
 def has_encoding(model: onnx.ModelProto) -> bool:

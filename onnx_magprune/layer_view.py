@@ -38,6 +38,7 @@ import onnx
 
 from .discovery import Weight
 from .graph_index import GraphIndex
+from .tensor_data import FLOAT_TYPES
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
         via = producer.node if producer is not None else None
         direct = via is not None and via.input[0] == weight.name and (
             (weight.quant is not None and via.op_type == "DequantizeLinear")
-            or (weight.quant is None and via.op_type == "Cast" and _attr(via, "to", 0) in _FLOAT_TYPES))
+            or (weight.quant is None and via.op_type == "Cast" and _attr(via, "to", 0) in FLOAT_TYPES))
     if not direct:
         producer = index.input_value(node, use.slot)
         via = producer.node.op_type if producer is not None and producer.node is not None else "other ops"
@@ -150,10 +151,6 @@ def _grouped(node: onnx.NodeProto) -> str | None:
     return None if group == 1 else (f"a grouped convolution (group={group}): its layer statistics are not "
                                     "collected (calibrated criteria need MatMul, Gemm or ungrouped Conv)")
 
-
-#: float element types a Cast between a float weight and its op may produce
-_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                          onnx.TensorProto.DOUBLE})
 
 #: quantized ops: {weight slot: (layout, activation slot)}; "gemm" is gemm_b or gemm_bt by transB
 _QUANTIZED_OPS = {

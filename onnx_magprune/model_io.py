@@ -18,7 +18,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -167,7 +167,7 @@ def _sparse_parts(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     return (t for t, sparse in _walk(model) if sparse)
 
 
-def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+def expected_nbytes(tensor: onnx.TensorProto) -> int | None:
     try:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     except (KeyError, ValueError, TypeError):
@@ -189,17 +189,19 @@ def check_external_data(loaded: LoadedModel) -> None:
         if uses_external_data(tensor):
             if loaded.base_dir is None:
                 raise ModelLoadError(f"tensor '{tensor.name}' uses external data but the model has no directory")
-            parse_external_ref(tensor, loaded.base_dir, _expected_nbytes(tensor))
+            parse_external_ref(tensor, loaded.base_dir, expected_nbytes(tensor))
 
 
-def internalize_external_data(loaded: LoadedModel) -> None:
-    """Read every external tensor into ``raw_data`` (checked references only)."""
-    for tensor in iter_all_tensors(loaded.proto):
-        if not uses_external_data(tensor):
+def internalize_external_data(loaded: LoadedModel,
+                              only: Callable[[onnx.TensorProto, bool], bool] | None = None) -> None:
+    """Read every external tensor (or those ``only(tensor, is_sparse_part)`` picks) into ``raw_data``
+    (checked references only)."""
+    for tensor, sparse_part in _walk(loaded.proto):
+        if not uses_external_data(tensor) or (only is not None and not only(tensor, sparse_part)):
             continue
         if loaded.base_dir is None:
             raise ModelLoadError(f"tensor '{tensor.name}' uses external data but the model has no directory")
-        ref = parse_external_ref(tensor, loaded.base_dir, _expected_nbytes(tensor))
+        ref = parse_external_ref(tensor, loaded.base_dir, expected_nbytes(tensor))
         with open(ref.path, "rb") as f:
             f.seek(ref.offset)
             tensor.raw_data = f.read(ref.length)

@@ -75,7 +75,8 @@ def prune_to_zero_point(q: np.ndarray, pruned: np.ndarray, info: QuantInfo) -> n
     """``q`` with every ``pruned`` entry set to its zero point (0 without one).  Entries that already
     dequantize to 0 keep their bytes (e.g. every entry of a channel whose scale is 0)."""
     out = q.copy()
-    pruned = pruned & (dequantize(q, info) != 0)
+    scale = np.broadcast_to(_broadcast(np.asarray(info.scale), q.shape, info.axis, info.block_size), q.shape)
+    pruned = pruned & (scale != 0)  # (entries at their zero point are set to it again: a no-op)
     if info.zero_point is None:
         out[pruned] = 0
     else:

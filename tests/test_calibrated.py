@@ -339,3 +339,27 @@ def test_output_scope_without_a_layer_view_reports_local_selection():
     _, rep = prune_model(model, 0.25, "output")
     assert rep.tensors[0].selection == "local" and rep.tensors[0].zeros_after == 128
     assert "through Transpose" in rep.tensors[0].method["fallback"]
+
+
+def test_global_pool_of_mixed_kinds_takes_existing_zeros_first_and_stays_exact():
+    rng = np.random.default_rng(14)
+    a = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "A")
+    t_val = rng.standard_normal((16, 32)).astype(np.float32)
+    t_val[rng.random(t_val.shape) < 0.8] = 0  # an already pruned weight the criterion cannot score: 80% zero
+    t = numpy_helper.from_array(t_val, "T")
+    b = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "B")
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"]), helper.make_node("MatMul", ["h", "B"], ["y0"]),
+             helper.make_node("Transpose", ["T"], ["Tt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Tt"], ["y1"])]
+    model = make_model(nodes, [vi("x", ["N", 32])], [vi("y0", ["N", 16]), vi("y1", ["N", 16])], [a, b, t])
+    _, feeds = _feeds()
+    for method in ("obs", "wanda"):
+        _, rep = prune_model(model, 0.5, "global", method=MethodOptions(method=method, calibration=feeds, holdout=0.0))
+        by = {r.name: r for r in rep.tensors}
+        zeros_t = int((t_val == 0).sum())
+        assert by["T"].zeros_before == zeros_t and by["T"].zeros_after >= zeros_t
+        assert sum(r.zeros_after for r in rep.tensors) == 1024, method  # round(0.5 * 2048), the zeros counted
+        # the 1024 - zeros_t left are shared so each kind loses the same fraction of its non-zero weights
+        rest = 1024 - zeros_t
+        share_t = (by["T"].zeros_after - zeros_t) / (512 - zeros_t)
+        share_ab = (by["A"].zeros_after + by["B"].zeros_after) / 1536
+        assert abs(share_t - share_ab) < 0.01 and rest > 0

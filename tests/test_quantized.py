@@ -257,3 +257,27 @@ def test_bench_counts_the_dense_weights_of_compact_and_quantized_models(tmp_path
     pruned, _ = mp.prune_model(model, sparsity=0.75)
     counts = parameter_counts(pruned)
     assert counts["quantized_nonzero"] == int(np.count_nonzero(init_of(pruned, "Wq"))) == 2048 - 1536
+
+
+def test_output_scope_and_pattern_on_qlinearconv_use_its_layout():
+    rng = np.random.default_rng(15)
+    w = rng.integers(-120, 120, (8, 4, 3, 3)).astype(np.int8)
+    w[w == 0] = 1  # no entry starts at its zero point
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "xs"), numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+             numpy_helper.from_array(w, "Wq"), numpy_helper.from_array(np.full(8, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "wz"), numpy_helper.from_array(np.array(0.1, np.float32), "ys"),
+             numpy_helper.from_array(np.array(128, np.uint8), "yz")]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "Wq", "ws", "wz", "ys", "yz"], ["y"], pads=[1, 1, 1, 1])
+    g = helper.make_graph([node], "g", [vi("x", [1, 4, 6, 6], TensorProto.UINT8)], [vi("y", None, TensorProto.UINT8)],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    pruned, report = mp.prune_model(model, sparsity=0.5, scope="output")
+    zeros = init_of(pruned, "Wq") == 0
+    assert report.tensors[0].selection == "output"
+    assert np.array_equal(zeros.reshape(8, -1).sum(axis=1), [18] * 8)  # round(0.5 * 36) per output channel
+    from onnx_magprune.methods import MethodOptions
+
+    pruned, _ = mp.prune_model(model, method=MethodOptions(pattern="2:4"))
+    zeros = init_of(pruned, "Wq") == 0
+    assert np.array_equal(zeros.sum(axis=1), np.full((8, 3, 3), 2))  # along the input channels
+    ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
