@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnx
 from onnx import TensorProto
 
 from .graph_index import GraphIndex, Use, Value
@@ -188,7 +189,40 @@ def find_weights(index: GraphIndex, *, min_numel: int, include_overridable: bool
             weights.append(Weight(value, uses, quant))
         else:
             skipped.append(Skipped(value.name, value.where(), reason, dtype, shape))
-    return Discovery(weights, skipped)
+    return Discovery(weights, skipped + _attribute_parameters(index))
+
+
+#: list attributes that hold numbers: their element type, as reports name it
+_LIST_ATTRS = {onnx.AttributeProto.FLOATS: "float32", onnx.AttributeProto.INTS: "int64"}
+_SCALAR_ATTRS = {onnx.AttributeProto.FLOAT: "float32", onnx.AttributeProto.INT: "int64"}
+
+
+def _attribute_parameters(index: GraphIndex) -> list[Skipped]:
+    """Numbers held in attributes rather than tensors, listed so the report says why they are left:
+    Constants with ``value_floats``/``value_ints``/``value_float``/``value_int``, and the parameters of
+    ``ai.onnx.ml`` operators (scikit-learn's linear models, trees, SVMs keep their weights there)."""
+    out: list[Skipped] = []
+    for v in index.values:
+        node = v.node
+        if node is None or not node.output or node.output[0] != v.name:
+            continue
+        if v.kind == "constant_attr":
+            for a in node.attribute:
+                if a.type in _LIST_ATTRS or a.type in _SCALAR_ATTRS:
+                    shape = (len(a.floats) if a.type == onnx.AttributeProto.FLOATS else len(a.ints),) \
+                        if a.type in _LIST_ATTRS else ()
+                    dtype = _LIST_ATTRS.get(a.type) or _SCALAR_ATTRS[a.type]
+                    out.append(Skipped(v.name, v.where(), f"a Constant's {a.name} attribute (a number list, "
+                                                          "not a tensor): left as it is", dtype, shape))
+        elif node.domain == "ai.onnx.ml":
+            label = f" '{node.name}'" if node.name else ""
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.FLOATS and a.floats:
+                    out.append(Skipped(f"{node.name or node.op_type}.{a.name}",
+                                       f"attribute of ai.onnx.ml.{node.op_type}{label} in {v.graph}",
+                                       "parameters held in an operator attribute, not a tensor: only tensors "
+                                       "are pruned", "float32", (len(a.floats),)))
+    return out
 
 
 def _static_reason(value: Value, min_numel: int, include_overridable: bool) -> str | None:

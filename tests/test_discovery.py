@@ -263,3 +263,22 @@ def test_deformconv_and_nhwcconv_weights_are_found():
                        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")], opset=19)
     found = find_weights(GraphIndex(model), min_numel=1)
     assert sorted(w.name for w in found.weights) == ["W1", "W2"]
+
+
+def test_numbers_in_attributes_are_listed_with_why_they_stay():
+    """scikit-learn's linear models keep their weights in ai.onnx.ml attributes; Constants may hold lists."""
+    clf = helper.make_node("LinearClassifier", ["x"], ["label", "scores"], domain="ai.onnx.ml", name="lc",
+                           coefficients=[0.5] * 12, intercepts=[0.1, 0.2, 0.3], classlabels_ints=[0, 1, 2])
+    const = helper.make_node("Constant", [], ["c"], value_floats=[1.0, 2.0, 3.0])
+    model = make_model([clf, const], [vi("x", ["N", 4])], [vi("label", None, TensorProto.INT64), vi("scores", None),
+                                                          vi("c", None)])
+    model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 1))
+    found = find_weights(GraphIndex(model), min_numel=128)
+    assert found.weights == []
+    assert [(s.name, s.shape, s.dtype, s.where) for s in found.skipped] == [
+        ("lc.coefficients", (12,), "float32", "attribute of ai.onnx.ml.LinearClassifier 'lc' in main"),
+        ("lc.intercepts", (3,), "float32", "attribute of ai.onnx.ml.LinearClassifier 'lc' in main"),
+        ("c", (3,), "float32", "Constant node in main")]
+    assert found.skipped[2].reason == "a Constant's value_floats attribute (a number list, not a tensor): left as it is"
+    assert found.skipped[0].reason == ("parameters held in an operator attribute, not a tensor: only tensors "
+                                       "are pruned")
