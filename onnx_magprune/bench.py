@@ -172,8 +172,10 @@ class BenchReport:
                  "RSS added by session"]]
         for m in self.models:
             rss = m.get("session_peak_rss")
-            rows.append([m["model"], _mb(m["file_bytes"]), f"{m['params']['params']:,}",
-                         f"{m['params']['float_nonzero'] + m['params'].get('quantized_nonzero', 0):,}", _ms(m["session_create_seconds"]["p50"]),
+            counts = m["params"]
+            nonzero = counts["float_nonzero"] + counts.get("quantized_nonzero", 0)
+            rows.append([m["model"], _mb(m["file_bytes"]), f"{counts['params']:,}",
+                         f"{nonzero:,}", _ms(m["session_create_seconds"]["p50"]),
                          _ms(m["latency_seconds"]["p50"]), _ms(m["latency_seconds"]["p90"]),
                          _mb(rss["peak"] - rss["before"]) if rss else "-"])
         if markdown:

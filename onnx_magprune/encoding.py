@@ -29,7 +29,7 @@ as values, so decoding is bit-exact.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -282,13 +282,12 @@ class _Encoder:
             return dense
         if site.const_node is None and (self.overridable(tensor.name)
                                         or any(i.name == tensor.name for i in graph.input)):
-            return Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound, note=(
-                f"{fmt.value}: an initializer that is also a graph input stays a plain initializer "
-                "(a caller may feed it)"))
+            return replace(dense, note=f"{fmt.value}: an initializer that is also a graph input stays a plain "
+                                       "initializer (a caller may feed it)")
         if site.const_node is None and tensor.name in self.shadowed:
-            return Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound, note=(
-                f"{fmt.value}: another graph of the model defines the name '{tensor.name}' too: an initializer "
-                "may shadow it, a node output (a Constant or decoder) may not"))
+            return replace(dense, note=f"{fmt.value}: another graph of the model defines the name "
+                                       f"'{tensor.name}' too: an initializer may shadow it, a node output (a "
+                                       "Constant or decoder) may not")
         compact, note = None, None
         if fmt in (Format.COMPACT, Format.AUTO) and n > 0:
             if self.names is None:
@@ -313,7 +312,7 @@ class _Encoder:
         else:
             chosen = fmt
         if chosen is Format.DENSE:
-            return Encoded(name, Format.DENSE.value, sizes[Format.DENSE], sizes[Format.DENSE], bound, note=note)
+            return replace(dense, note=note)
         if chosen is Format.COMPACT:
             code, decoder, overhead = compact
             self._place(site, tensor, decoder.nodes, decoder.initializers)
