@@ -172,13 +172,17 @@ class _Runner:
                            if v is not None and v.unmeasured is None and opts.needs_calibration]
         self.stats_model = None
         if self.calibrated:
-            fed = {self.targets[i].weight.name: self.cur[i] for i in self.calibrated
-                   if self.values[i].quant is None}
+            # weights are fed to the statistics model as inputs, so later stages see earlier prunings;
+            # not quantized ones (their stored values are integers) nor bfloat16 ones (onnxruntime's
+            # Python API takes no bfloat16 arrays): those keep their dense values there
+            unfed = {i for i in self.calibrated
+                     if self.values[i].quant is not None or self.cur[i].dtype.name == "bfloat16"}
+            fed = {self.targets[i].weight.name: self.cur[i] for i in self.calibrated if i not in unfed}
             self.stats_model = StatsModel(proto, fed, {self.targets[i].weight.name: self.views[i]
                                                        for i in self.calibrated},
                                           calibration, batch_size=opts.batch_size, threads=opts.threads,
                                           shapes={self.targets[i].weight.name: tuple(self.targets[i].weight.tensor.dims)
-                                                  for i in self.calibrated if self.values[i].quant is not None})
+                                                  for i in unfed})
         self.finished: set[str] = set()  # weights fitted in earlier stages of this step
         self.passes = 0
         self.per_row = [0] * len(self.targets)

@@ -44,7 +44,11 @@ class PruningSpace:
         why = {}
         for t in targets:
             v = t.weight.value
-            if v.graph == "main" and v.kind in ("initializer", "constant") and not v.duplicate:
+            if v.tensor is not None and v.tensor.data_type == onnx.TensorProto.BFLOAT16:
+                unfed.append(t)
+                why[id(t)] = ("a bfloat16 weight: onnxruntime's Python API cannot feed it, so sensitivity cannot "
+                              "measure it and allocation leaves it unpruned")
+            elif v.graph == "main" and v.kind in ("initializer", "constant") and not v.duplicate:
                 fed.append(t)
             else:
                 unfed.append(t)

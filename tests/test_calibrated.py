@@ -363,3 +363,34 @@ def test_global_pool_of_mixed_kinds_takes_existing_zeros_first_and_stays_exact()
         share_t = (by["T"].zeros_after - zeros_t) / (512 - zeros_t)
         share_ab = (by["A"].zeros_after + by["B"].zeros_after) / 1536
         assert abs(share_t - share_ab) < 0.01 and rest > 0
+
+
+def _bf16_tensor(values: np.ndarray, name: str):
+    """A bfloat16 initializer holding ``values`` rounded toward zero (the upper half of each float32)."""
+    bits = (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return helper.make_tensor(name, TensorProto.BFLOAT16, list(values.shape), bits.tobytes(), raw=True)
+
+
+def test_a_bfloat16_weight_behind_a_cast_is_scored_by_the_criterion_and_sensitivity_says_why_it_skips_it(tmp_path):
+    """ONNX Runtime's Python API takes no bfloat16 arrays: the statistics model keeps such a weight as a
+    constant (its later layers see its dense values) and sensitivity leaves it out with the reason."""
+    from onnx_magprune.sensitivity import SweepOptions, sensitivity_sweep
+
+    rng = np.random.default_rng(16)
+    w = _bf16_tensor(rng.standard_normal((32, 16)), "W")
+    w2 = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "W2")
+    nodes = [helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "Wf"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 32])], [vi("y", ["N", 16])], [w, w2])
+    _, feeds = _feeds()
+    pruned, rep = prune_model(model, 0.5, "local", method=MethodOptions(method="obs", calibration=feeds, holdout=0.0))
+    by = {r.name: r for r in rep.tensors}
+    assert by["W"].method["criterion"] == "obs" and by["W"].zeros_after == 256 and by["W2"].zeros_after == 128
+    assert next(t for t in pruned.graph.initializer if t.name == "W").data_type == TensorProto.BFLOAT16
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.concatenate([f["x"] for f in feeds]))
+    rep = sensitivity_sweep(str(tmp_path / "m.onnx"), str(tmp_path / "c.npz"), options=SweepOptions(levels=(0.5,),
+                                                                                                    quiet=True))
+    assert [c.name for c in rep.curves] == ["W2"]
+    assert any(s["name"] == "W" and s["reason"].startswith("a bfloat16 weight: onnxruntime's Python API cannot "
+                                                           "feed it") for s in rep.skipped)
