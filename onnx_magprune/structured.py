@@ -524,29 +524,39 @@ class _Walker:
         return v
 
     def _target_rank(self, node: onnx.NodeProto) -> int | None:
-        """The rank a Reshape produces, when its shape is a constant vector or a Concat of 1-element
-        parts (constants of one element, Unsqueeze of a Gather of one index), else None."""
+        """The rank a Reshape produces, when its shape is a constant vector or a Concat of parts of
+        known length (1-D constants, Unsqueeze of a Gather of one index, a Gather of a 1-D constant
+        index: tf2onnx's ``Gather(Shape(x), [0, 1])``), else None."""
         v = self._target(node)
         if v is not None and v.kind in ("initializer", "constant") and len(v.tensor.dims) == 1:
             return int(v.tensor.dims[0])
         src = v.node if v is not None and v.kind == "node_output" else None
         if src is None or src.op_type != "Concat":
             return None
+        rank = 0
         for i in range(len(src.input)):
             part = self.index.input_value(src, i)
             if part is None:
                 return None
             if part.kind in ("initializer", "constant"):
-                if int(np.prod(part.tensor.dims)) != 1:
+                if len(part.tensor.dims) != 1:
                     return None
+                rank += int(part.tensor.dims[0])
                 continue
             u = part.node if part.kind == "node_output" else None
+            if u is not None and u.op_type == "Gather":  # a Gather of a 1-D constant index: its length
+                index = self.index.input_value(u, 1)
+                if index is None or index.kind not in ("initializer", "constant") or len(index.tensor.dims) != 1:
+                    return None
+                rank += int(index.tensor.dims[0])
+                continue
             gather = self.index.input_value(u, 0) if u is not None and u.op_type == "Unsqueeze" else None
             gnode = gather.node if gather is not None and gather.kind == "node_output" else None
             index = self.index.input_value(gnode, 1) if gnode is not None and gnode.op_type == "Gather" else None
             if index is None or index.kind not in ("initializer", "constant") or list(index.tensor.dims):
                 return None  # one element only when a scalar index is gathered and unsqueezed
-        return len(src.input)
+            rank += 1
+        return rank
 
     def _feeds_own_reshape(self, node: onnx.NodeProto, name: str) -> bool:
         """Whether this Shape of ``name`` is read only as ``name``'s own last dimension for Reshapes of
@@ -611,22 +621,30 @@ class _Walker:
         return self._picks_last(pick)
 
     def _leading_dims_only(self, node: onnx.NodeProto, state: _State) -> bool:
-        """Whether every read of this Shape's output is a Gather of one constant index that is not the
-        channel axis (the last, of a known rank)."""
+        """Whether every read of this Shape's output is a Gather (after integer Casts) of constant
+        indices, scalar or 1-D, none of them the channel axis (the last, of a known rank)."""
         if state.axis != -1 or state.rank is None or any(a.name in ("start", "end") for a in node.attribute):
             return False
         out = self.index.outputs_of(node)[0]
         if out is None or not out.uses:
             return out is not None
-        for use in out.uses:
+        pending = list(out.uses)
+        while pending:
+            use = pending.pop()
+            if use.node is not None and use.op == ("", "Cast") and use.slot == 0:  # tf2onnx: Cast to int32
+                cast_out = self.index.outputs_of(use.node)[0]
+                if cast_out is None or not cast_out.uses:
+                    return False
+                pending.extend(cast_out.uses)
+                continue
             if use.node is None or use.op != ("", "Gather") or use.slot != 0 or _attr(use.node, "axis", 0) != 0:
                 return False
             index = self.index.input_value(use.node, 1)
-            if index is None or index.kind not in ("initializer", "constant") or list(index.tensor.dims):
+            if index is None or index.kind not in ("initializer", "constant") or len(index.tensor.dims) > 1:
                 return False
-            i = int(numpy_helper.to_array(index.tensor))
-            if (i % state.rank if -state.rank <= i < state.rank else None) in (None, state.rank - 1):
-                return False
+            for i in numpy_helper.to_array(index.tensor).reshape(-1).tolist():
+                if (i % state.rank if -state.rank <= i < state.rank else None) in (None, state.rank - 1):
+                    return False
         return True
 
     def _no_copied_dims(self, node: onnx.NodeProto) -> bool:

@@ -319,26 +319,42 @@ def test_gpt2_conv1d_reshapes_are_followed_and_their_sizes_cut():
 
 
 def test_a_tensordot_style_reshape_with_allowzero_and_an_int32_target_behind_a_cast_is_cut():
-    """tf2onnx's Dense on [B, T, C]: Reshape(x, [-1, C]) -> MatMul -> Reshape(h, Cast(Concat(Shape(x)[:2]
-    as int32, [units]))); dynamo writes allowzero=1 on such reshapes."""
+    """tf2onnx's Dense on [B, T, C]: Reshape(x, [-1, C]) -> MatMul -> Reshape(h, Cast(Concat(Gather(
+    Cast(Shape(x)), [0, 1]) as int32, [units]))); dynamo writes allowzero=1 on such reshapes."""
     i32 = lambda name, v: numpy_helper.from_array(np.array(v, np.int32), name)  # noqa: E731
     i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
     nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]),
              helper.make_node("MatMul", ["x2", "W1"], ["h2"]),
              helper.make_node("Shape", ["x"], ["sx"]),
-             helper.make_node("Slice", ["sx", "s0", "s2"], ["lead"]),
-             helper.make_node("Cast", ["lead"], ["lead32"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["sx"], ["sx32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["sx32", "lead_axes"], ["lead32"], axis=0),
              helper.make_node("Concat", ["lead32", "units"], ["t32"], axis=0),
              helper.make_node("Cast", ["t32"], ["t64"], to=TensorProto.INT64),
              helper.make_node("Reshape", ["h2", "t64"], ["h"], allowzero=1),
              helper.make_node("Relu", ["h"], ["a"]),
-             helper.make_node("MatMul", ["a", "W2"], ["y"])]
+             # the next Dense: its output shape from Gather(Cast(Shape(a)), [0, 1]): leading axes only
+             helper.make_node("Shape", ["a"], ["sa"]),
+             helper.make_node("Cast", ["sa"], ["sa32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["sa32", "lead_axes"], ["lead_a"], axis=0),
+             helper.make_node("Concat", ["lead_a", "out8"], ["ta32"], axis=0),
+             helper.make_node("Cast", ["ta32"], ["ta64"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["a", "flat16"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "W2"], ["y2"]),
+             helper.make_node("Reshape", ["y2", "ta64"], ["y"])]
     model = make_model(nodes, [vi("x", ["N", "T", 8])], [vi("y", ["N", "T", 8])],
                        [_init(_w((8, 16), 1), "W1"), _init(_w((16, 8), 2), "W2"), i64("flat", [-1, 8]),
-                        i64("s0", [0]), i64("s2", [2]), i32("units", [16])])
+                        i32("units", [16]), i64("flat16", [-1, 16]),
+                        i64("lead_axes", [0, 1]), i32("out8", [8])])
     pruned, rep = prune_model(model, 0.5, "local", structured=S, min_numel=0)
     (group,) = rep.structured["groups"]
     assert group["producer"] == "W1" and group["units_after"] == 8
+    assert tensor_by_name(pruned, "flat16").tolist() == [-1, 8] and tensor_by_name(pruned, "W2").shape == (8, 8)
+    reads_units = onnx.ModelProto.FromString(model.SerializeToString())
+    reads_units.graph.initializer.append(i64("axes02", [0, 2]))  # a Gather that reads the units' axis
+    next(n for n in reads_units.graph.node if n.output[0] == "lead_a").input[1] = "axes02"
+    _, rep2 = prune_model(reads_units, 0.5, "local", structured=S, min_numel=0)
+    assert rep2.structured["groups"] == [] and rep2.structured["skipped"][0]["reason"] == \
+        "its shape is read by Shape 'sa'"
     units = next(t for t in pruned.graph.initializer if t.name == "units")
     assert units.data_type == TensorProto.INT32 and numpy_helper.to_array(units).tolist() == [8]
     _check_equal(model, pruned, rep, {"x": _w((2, 3, 8), 43)})
