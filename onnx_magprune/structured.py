@@ -67,6 +67,9 @@ class Shrink:
     axis: int
     role: str  # "producer", "producer bias", "chain", "consumer", "shape" (a Reshape's target)
     block: int = 1  # for "shape": ``axis`` is the entry of the target, lowered by ``block`` per removed unit
+    # for "shape" when the target (or its unit count) is shared with other nodes: the output of the
+    # Reshape that gets its own lowered copy (exporters that fold equal constants share one across layers)
+    own: str | None = None
 
 
 @dataclass(frozen=True)
@@ -502,12 +505,12 @@ class _Walker:
             raise why
         if not _attr(node, "allowzero", 0) and not self._no_copied_dims(node):  # allowzero=1 copies no dim
             raise why
-        const, count = self._last_dim(node), None
+        const, shared = self._last_dim(node)
         if const is not None:
             count = int(numpy_helper.to_array(const.tensor).reshape(-1)[-1])
             if count != g.units:
                 raise why
-            g.shrinks.append(Shrink(const.name, -1, "shape"))
+            g.shrinks.append(Shrink(const.name, -1, "shape", own=node.output[0] if shared else None))
         elif not self._last_dim_is_own(node):
             shared = self._shared_target(node, g.units)
             raise _Stop(shared) if shared else why
@@ -660,23 +663,30 @@ class _Walker:
                 return False
         return True
 
-    def _last_dim(self, node: onnx.NodeProto) -> Value | None:
-        """The constant holding a Reshape's last target dimension, read by nothing else, or None."""
+    def _last_dim(self, node: onnx.NodeProto) -> tuple[Value | None, bool]:
+        """The constant holding a Reshape's last target dimension (or None), and whether it is shared:
+        read by other nodes too, directly or through a Concat other nodes read.  A shared one can be
+        given a private copy only when the Reshape reads the constant or the Concat directly."""
         v = self._target(node)
-        if v is None or len(v.uses) != 1:
-            return None
+        if v is None:
+            return None, False
+        direct = v is self.index.input_value(node, 1)
         if v.kind in ("initializer", "constant"):
-            return v if v.tensor.data_type in _SHAPE_TYPES and len(v.tensor.dims) == 1 \
-                and not _const_problem(v, self.include_overridable, need_float=False) else None
+            ok = v.tensor.data_type in _SHAPE_TYPES and len(v.tensor.dims) == 1 \
+                and not _const_problem(v, self.include_overridable, need_float=False)
+            shared = len(v.uses) != 1
+            return (v if ok and (direct or not shared) else None), shared
         src = v.node if v.kind == "node_output" else None
         if src is None or src.op_type != "Concat" or src.domain not in ("", "ai.onnx") or not src.input:
-            return None
+            return None, False
         last = self.index.input_value(src, len(src.input) - 1)
-        if last is None or len(last.uses) != 1 or last.kind not in ("initializer", "constant") \
+        if last is None or last.kind not in ("initializer", "constant") \
                 or last.tensor.data_type not in _SHAPE_TYPES or list(last.tensor.dims) != [1] \
-                or _const_problem(last, self.include_overridable, need_float=False):
-            return None
-        return last
+                or _const_problem(last, self.include_overridable, need_float=False) \
+                or list(src.input).count(last.name) != 1:
+            return None, False
+        shared = len(v.uses) != 1 or len(last.uses) != 1
+        return (last if direct or not shared else None), shared
 
     def _shared_target(self, node: onnx.NodeProto, units: int) -> str | None:
         """Why a Reshape that keeps the units as its last axis cannot be cut: its target's last entry
@@ -905,16 +915,16 @@ def _quantized_layer(node: onnx.NodeProto, index: GraphIndex) -> SkippedGroup | 
 
 def _check_overlaps(groups: list[UnitGroup], skipped: list[SkippedGroup]) -> None:
     """A tensor may be cut by several groups only along different axes (e.g. a middle layer's weight)."""
-    seen: dict[tuple[str, int], str] = {}
+    seen: dict[tuple[str, int, str | None], str] = {}  # (a private copy of a shared shape is its own tensor)
     for g in list(groups):
-        clash = next((seen[(s.tensor, s.axis)] for s in g.shrinks if (s.tensor, s.axis) in seen), None)
+        clash = next((seen[(s.tensor, s.axis, s.own)] for s in g.shrinks if (s.tensor, s.axis, s.own) in seen), None)
         if clash is not None:
             groups.remove(g)
             skipped.append(SkippedGroup(g.producer, g.producer_op, g.units,
                                         f"it would cut a tensor that the group of '{clash}' cuts too"))
             continue
         for s in g.shrinks:
-            seen[(s.tensor, s.axis)] = g.producer
+            seen[(s.tensor, s.axis, s.own)] = g.producer
 
 
 __all__ = ["UnitGroup", "SkippedGroup", "Shrink", "Consumer", "find_groups"]

@@ -10,7 +10,9 @@ stale ``value_info`` of the activations whose channel count changed.
 the removed units instead: the reference that the removed model must match.
 Either way, tensors listed in ``values`` (re-fitted consumer weights and
 biases, full size) replace the model's values first.  Tensors keep their
-names, dtypes and storage (``raw_data``); the graph's nodes are untouched.
+names, dtypes and storage (``raw_data``).  The graph's nodes are untouched, except that a
+Reshape whose target constant (or the Concat building it) is shared with other nodes gets its own
+lowered copy of it (exporters that fold equal constants share one target across layers).
 """
 
 from __future__ import annotations
@@ -60,17 +62,21 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
     values = dict(values or {})
     protos = tensor_protos(model)
     cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    private: list[tuple[str, str, int, int]] = []  # (shared shape constant, Reshape output, entry, amount)
     for group, removed in plans:
         removed = np.asarray(removed, dtype=np.int64)
         if removed.size == 0:
             continue
-        seen: set[tuple[str, int, str]] = set()
+        seen: set[tuple] = set()
         for s in group.shrinks:
             if mode == "mask" and s.role != "consumer":
                 continue
-            if (s.tensor, s.axis, s.role == "shape") in seen:  # one constant read twice on a chain: cut once
+            if (s.tensor, s.axis, s.role == "shape", s.own) in seen:  # one constant read twice on a chain
+                continue  # (cut once)
+            seen.add((s.tensor, s.axis, s.role == "shape", s.own))
+            if s.role == "shape" and s.own is not None:  # shared: that Reshape gets its own lowered copy
+                private.append((s.tensor, s.own, s.axis, len(removed) * s.block))
                 continue
-            seen.add((s.tensor, s.axis, s.role == "shape"))
             if s.role == "shape":  # an entry of a Reshape's target (a unit count), lowered
                 cuts.setdefault(s.tensor, []).append((_SHAPE, (s.axis, len(removed) * s.block)))
                 continue
@@ -94,6 +100,8 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
             else:
                 array = np.delete(array, idx, axis=axis)
         _write(tensor, array)
+    for tensor, reshape_out, entry, amount in private:
+        _own_copy(model, tensor, protos[tensor], reshape_out, entry, amount)
     if mode == "remove":
         stale = {t for group, removed in plans if len(removed) for t in group.channel_tensors}
         keep = [vi for vi in model.graph.value_info if vi.name not in stale]
@@ -111,3 +119,41 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
 
 
 __all__ = ["rewrite", "unit_indices"]
+
+
+def _own_copy(model: onnx.ModelProto, name: str, shared: onnx.TensorProto, reshape_out: str, entry: int,
+              amount: int) -> None:
+    """Give the Reshape writing ``reshape_out`` its own copy of the shared constant ``name`` with
+    ``entry`` lowered by ``amount``: read directly, or as a part of a Concat (which is copied too,
+    just before the Reshape, so the other readers keep theirs)."""
+    graph = model.graph
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} \
+        | {i.name for i in graph.input}
+
+    def fresh(base: str) -> str:
+        name, k = f"{base}__{reshape_out}", 1
+        while name in taken:
+            name, k = f"{base}__{reshape_out}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    position, reshape = next((i, n) for i, n in enumerate(graph.node)
+                             if n.op_type == "Reshape" and reshape_out in n.output)
+    array = numpy_helper.to_array(shared).copy()
+    array.reshape(-1)[entry] -= amount
+    copy = numpy_helper.from_array(array, fresh(name))
+    copy.data_type = shared.data_type
+    graph.initializer.append(copy)
+    if reshape.input[1] == name:
+        reshape.input[1] = copy.name
+        return
+    concat = next(n for n in graph.node if reshape.input[1] in n.output and n.op_type == "Concat")
+    own = onnx.NodeProto()
+    own.CopyFrom(concat)
+    own.name = fresh(concat.name or "Concat") if concat.name else ""
+    own.output[0] = fresh(concat.output[0])
+    for i, name_i in enumerate(own.input):
+        if name_i == name:
+            own.input[i] = copy.name
+    graph.node.insert(position, own)
+    reshape.input[1] = own.output[0]

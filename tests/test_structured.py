@@ -309,13 +309,30 @@ def test_gpt2_conv1d_reshapes_are_followed_and_their_sizes_cut():
     assert tensor_by_name(pruned, "nf16").tolist() == [8] and tensor_by_name(pruned, "W2").shape == (8, 8)
     assert tensor_by_name(pruned, "flat8").tolist() == [-1, 8] and tensor_by_name(pruned, "nf8").tolist() == [8]
     _check_equal(model, pruned, rep, {"x": _w((2, 3, 8), 42)})
-    # the same size constant read by another Reshape, or a last dim other than the units: not followed
+    # the size constant also read by another Reshape (exporters fold equal constants across layers):
+    # the cut Reshape gets its own lowered copy, the other keeps 16
     other = gpt2_conv1d_mlp()
-    other.graph.node.append(helper.make_node("Reshape", ["x", "nf16"], ["spare"]))
-    _, rep = prune_model(other, 0.5, "local", structured=S, min_numel=0)
-    assert rep.structured["groups"] == [] and any("reaches Reshape" in s["reason"] for s in rep.structured["skipped"])
-    assert any("keeps the units as the last axis, but its target shape's unit count 'nf16' is also read by "
-               "Reshape" in s["reason"] for s in rep.structured["skipped"])
+    other.graph.node.append(helper.make_node("Identity", ["nf16"], ["spare"]))  # another reader of nf16
+    other.graph.output.append(vi("spare", [1], TensorProto.INT64))
+    pruned, rep = prune_model(other, 0.5, "local", structured=S, min_numel=0)
+    assert [g["units_after"] for g in rep.structured["groups"]] == [8]
+    assert tensor_by_name(pruned, "nf16").tolist() == [16]
+    (copy,) = [n for n in pruned.graph.node if n.op_type == "Concat" and n.output[0].startswith("shape_h__")]
+    assert tensor_by_name(pruned, copy.input[-1]).tolist() == [8]
+    assert next(n for n in pruned.graph.node if n.output[0] == "h").input[1] == copy.output[0]
+    onnx.checker.check_model(pruned, full_check=True)
+    _check_equal(other, pruned, rep, {"x": _w((2, 4, 8), 42)})
+    # a target read through a Cast by others too: no private copy, the reason says why
+    shared_cast = gpt2_conv1d_mlp()
+    at = next(i for i, n in enumerate(shared_cast.graph.node) if n.output[0] == "h")
+    shared_cast.graph.node[at].input[1] = "shape_h_cast"
+    shared_cast.graph.node.insert(at, helper.make_node("Cast", ["shape_h"], ["shape_h_cast"], to=TensorProto.INT64))
+    shared_cast.graph.node.append(helper.make_node("Identity", ["nf16"], ["spare"]))
+    _, rep = prune_model(shared_cast, 0.5, "local", structured=S, min_numel=0)
+    assert rep.structured["groups"] == []
+    assert rep.structured["skipped"][0]["reason"] == (
+        "it reaches Reshape 'h', which keeps the units as the last axis, but its target shape's unit count 'nf16' "
+        "is also read by Identity input 0: cutting it would change that too")
 
 
 def test_a_tensordot_style_reshape_with_allowzero_and_an_int32_target_behind_a_cast_is_cut():
