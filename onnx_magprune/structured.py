@@ -104,7 +104,8 @@ class UnitGroup:
     site: str = ""  # where the group is, for messages (head groups: the attention's Softmax)
 
     def tensors(self) -> list[str]:
-        return list(dict.fromkeys(s.tensor for s in self.shrinks))
+        """The tensors it cuts (a shared shape constant is not cut: its Reshape gets its own copy)."""
+        return list(dict.fromkeys(s.tensor for s in self.shrinks if s.own is None))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .model_io import iter_graphs
 from .structured import UnitGroup
 
 
@@ -100,8 +101,8 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
             else:
                 array = np.delete(array, idx, axis=axis)
         _write(tensor, array)
-    for tensor, reshape_out, entry, amount in private:
-        _own_copy(model, tensor, protos[tensor], reshape_out, entry, amount)
+    if private:
+        _own_copies(model, private, protos)
     if mode == "remove":
         stale = {t for group, removed in plans if len(removed) for t in group.channel_tensors}
         keep = [vi for vi in model.graph.value_info if vi.name not in stale]
@@ -121,39 +122,88 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
 __all__ = ["rewrite", "unit_indices"]
 
 
-def _own_copy(model: onnx.ModelProto, name: str, shared: onnx.TensorProto, reshape_out: str, entry: int,
-              amount: int) -> None:
-    """Give the Reshape writing ``reshape_out`` its own copy of the shared constant ``name`` with
-    ``entry`` lowered by ``amount``: read directly, or as a part of a Concat (which is copied too,
-    just before the Reshape, so the other readers keep theirs)."""
+def _names_in_use(model: onnx.ModelProto) -> set[str]:
+    """Every name any graph of the model defines or declares (subgraphs included)."""
+    taken: set[str] = set()
+    for g in iter_graphs(model):
+        taken.update(t.name for t in g.initializer)
+        taken.update(t.values.name for t in g.sparse_initializer)
+        taken.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        taken.update(o for n in g.node for o in n.output if o)
+    return taken
+
+
+def _readers(model: onnx.ModelProto) -> dict[str, int]:
+    """How many node inputs (in any graph, captures included) and main-graph outputs read each name."""
+    count: dict[str, int] = {}
+    for g in iter_graphs(model):
+        for n in g.node:
+            for i in n.input:
+                count[i] = count.get(i, 0) + 1
+    for o in model.graph.output:
+        count[o.name] = count.get(o.name, 0) + 1
+    return count
+
+
+def _own_copies(model: onnx.ModelProto, private, protos: Mapping[str, onnx.TensorProto]) -> None:
+    """Give each Reshape of ``private`` (shared constant, Reshape output, entry, amount) its own copy
+    of the shared constant with ``entry`` lowered by ``amount``, read directly or as a part of its
+    Concat (the Concat is copied too, just before the Reshape, when others read it).  Originals that
+    end up unread are dropped."""
     graph = model.graph
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} \
-        | {i.name for i in graph.input}
+    taken = _names_in_use(model)
+    originals: list[str] = []
 
-    def fresh(base: str) -> str:
-        name, k = f"{base}__{reshape_out}", 1
-        while name in taken:
-            name, k = f"{base}__{reshape_out}_{k}", k + 1
-        taken.add(name)
-        return name
+    def fresh(base: str, reshape_out: str) -> str:
+        candidate, k = f"{base}__{reshape_out}", 1
+        while candidate in taken:
+            candidate, k = f"{base}__{reshape_out}_{k}", k + 1
+        taken.add(candidate)
+        return candidate
 
-    position, reshape = next((i, n) for i, n in enumerate(graph.node)
-                             if n.op_type == "Reshape" and reshape_out in n.output)
-    array = numpy_helper.to_array(shared).copy()
-    array.reshape(-1)[entry] -= amount
-    copy = numpy_helper.from_array(array, fresh(name))
-    copy.data_type = shared.data_type
-    graph.initializer.append(copy)
-    if reshape.input[1] == name:
-        reshape.input[1] = copy.name
-        return
-    concat = next(n for n in graph.node if reshape.input[1] in n.output and n.op_type == "Concat")
-    own = onnx.NodeProto()
-    own.CopyFrom(concat)
-    own.name = fresh(concat.name or "Concat") if concat.name else ""
-    own.output[0] = fresh(concat.output[0])
-    for i, name_i in enumerate(own.input):
-        if name_i == name:
-            own.input[i] = copy.name
-    graph.node.insert(position, own)
-    reshape.input[1] = own.output[0]
+    for name, reshape_out, entry, amount in private:
+        position, reshape = next((i, n) for i, n in enumerate(graph.node)
+                                 if n.op_type == "Reshape" and reshape_out in n.output)
+        array = numpy_helper.to_array(protos[name]).copy()
+        array.reshape(-1)[entry] -= amount
+        copy = numpy_helper.from_array(array, fresh(name, reshape_out))
+        copy.data_type = protos[name].data_type
+        graph.initializer.append(copy)
+        originals.append(name)
+        if reshape.input[1] == name:
+            reshape.input[1] = copy.name
+            continue
+        concat = next(n for n in graph.node if reshape.input[1] in n.output and n.op_type == "Concat")
+        shared_concat = _readers(model).get(concat.output[0], 0) > 1
+        if shared_concat:  # others read the Concat: this Reshape gets a copy of it too
+            originals.append(concat.output[0])
+            own = onnx.NodeProto()
+            own.CopyFrom(concat)
+            own.name = fresh(concat.name, reshape_out) if concat.name else ""
+            own.output[0] = fresh(concat.output[0], reshape_out)
+            reshape.input[1] = own.output[0]
+            concat = own
+        for i, part in enumerate(concat.input):
+            if part == name:
+                concat.input[i] = copy.name
+        if shared_concat:
+            graph.node.insert(position, concat)  # (insert stores a copy: edited first)
+    _drop_unread(model, originals)
+
+
+def _drop_unread(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Remove the Concat nodes, Constant nodes and initializers among ``names`` nothing reads any more
+    (Concats first: dropping one may leave its parts unread)."""
+    graph = model.graph
+    for concats in (True, False):
+        readers = _readers(model)
+        for name in dict.fromkeys(names):
+            if readers.get(name, 0):
+                continue
+            node = next((n for n in graph.node if name in n.output), None)
+            if node is not None and (node.op_type == "Concat") == concats and node.op_type in ("Concat", "Constant"):
+                graph.node.remove(node)
+            elif not concats:
+                for t in list(graph.initializer):
+                    if t.name == name:
+                        graph.initializer.remove(t)

@@ -317,9 +317,12 @@ def test_gpt2_conv1d_reshapes_are_followed_and_their_sizes_cut():
     pruned, rep = prune_model(other, 0.5, "local", structured=S, min_numel=0)
     assert [g["units_after"] for g in rep.structured["groups"]] == [8]
     assert tensor_by_name(pruned, "nf16").tolist() == [16]
-    (copy,) = [n for n in pruned.graph.node if n.op_type == "Concat" and n.output[0].startswith("shape_h__")]
-    assert tensor_by_name(pruned, copy.input[-1]).tolist() == [8]
-    assert next(n for n in pruned.graph.node if n.output[0] == "h").input[1] == copy.output[0]
+    concat = next(n for n in pruned.graph.node if n.output[0] == "shape_h")  # read by h alone: edited in place
+    assert concat.input[-1] == "nf16__h" and tensor_by_name(pruned, "nf16__h").tolist() == [8]
+    taken = onnx.ModelProto.FromString(other.SerializeToString())  # a name already declared is not reused
+    taken.graph.value_info.append(vi("nf16__h", [1], TensorProto.INT64))
+    pruned_taken, _ = prune_model(taken, 0.5, "local", structured=S, min_numel=0)
+    assert next(n for n in pruned_taken.graph.node if n.output[0] == "shape_h").input[-1] == "nf16__h_1"
     onnx.checker.check_model(pruned, full_check=True)
     _check_equal(other, pruned, rep, {"x": _w((2, 4, 8), 42)})
     # a target read through a Cast by others too: no private copy, the reason says why
