@@ -833,7 +833,7 @@ def _unreached_layers(model: onnx.ModelProto, index: GraphIndex) -> list[Skipped
     constant (Cast of a bfloat16 weight, DequantizeLinear, ...), and layers inside subgraphs."""
     out: list[SkippedGroup] = []
     for node in model.graph.node:
-        quantized = _quantized_layer(node, index)
+        quantized = _quantized_layer(node, index) or _other_layer(node, index)
         if quantized is not None:
             out.append(quantized)
             continue
@@ -892,6 +892,40 @@ _QUANTIZED_LAYERS = {
     ("com.microsoft", "QGemm"): 3, ("com.microsoft", "MatMulNBits"): 1, ("com.microsoft", "DynamicQuantizeMatMul"): 1,
     ("com.microsoft", "MatMulIntegerToFloat"): 1, ("com.microsoft", "QAttention"): 1,
 }
+
+
+def _other_layer(node: onnx.NodeProto, index: GraphIndex) -> SkippedGroup | None:
+    """A float layer with a constant weight that the search does not cut, with why: MatMul with the
+    weight on the left or batched (3-D+), Einsum, ConvTranspose and the recurrent layers."""
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    op = node.op_type
+    const = [index.input_value(node, i) for i in range(len(node.input))]
+    const = [(i, v) for i, v in enumerate(const)
+             if v is not None and v.kind in ("initializer", "constant") and v.tensor is not None]
+    label = f"{op} '{_label(node)}'"
+    if op == "MatMul" and const:
+        slot, v = const[0]
+        dims = list(v.tensor.dims)
+        if slot == 0 and len(const) == 1:
+            why = f"its weight is the left operand of {label} (W @ x): only x @ W layers are cut"
+        elif slot == 1 and len(dims) > 2:
+            why = f"a {len(dims)}-D (batched) weight of {label}: only 2-D weights are cut"
+        else:
+            return None
+        units = dims[-2] if slot == 0 and len(dims) >= 2 else (dims[-1] if dims else 0)  # W @ x: W's rows
+        return SkippedGroup(v.name, op, int(units), why)
+    if op in ("Einsum", "ConvTranspose", "LSTM", "GRU", "RNN") and const:
+        slot, v = next(((i, v) for i, v in const if op == "Einsum" or i == 1), (None, None))
+        if v is None:
+            return None
+        units = int(_attr(node, "hidden_size", 0)) if op in ("LSTM", "GRU", "RNN") else \
+            int(v.tensor.dims[1] * _attr(node, "group", 1)) if op == "ConvTranspose" and len(v.tensor.dims) > 1 else 0
+        why = {"Einsum": f"{label}: only MatMul, Gemm and Conv layers are cut",
+               "ConvTranspose": f"{label}: only MatMul, Gemm and Conv layers are cut"}.get(
+            op, f"the recurrent layer {label}: its hidden units feed back into it, so they are not cut")
+        return SkippedGroup(v.name, op, units, why)
+    return None
 
 
 def _quantized_layer(node: onnx.NodeProto, index: GraphIndex) -> SkippedGroup | None:

@@ -596,3 +596,22 @@ def test_quantized_layers_are_skipped_with_a_reason():
     assert [(s.producer, s.producer_op, s.units, s.reason) for s in skipped] == [
         ("Q", "MatMulInteger", 8, "a quantized layer (MatMulInteger 'mmi'): structured removal cuts float weights "
                                   "only (prune the float model, then quantize it)")]
+
+
+def test_layers_the_search_does_not_cut_are_listed_with_a_reason():
+    lstm_w = _init(_w((1, 32, 4), 5), "LW")  # [directions, 4*hidden, input]
+    lstm_r = _init(_w((1, 32, 8), 6), "LR")
+    nodes = [helper.make_node("MatMul", ["Wl", "x"], ["a"], name="left"),
+             helper.make_node("MatMul", ["x3", "W3"], ["b"], name="batched"),
+             helper.make_node("Einsum", ["x", "We"], ["c"], equation="ij,jk->ik", name="ein"),
+             helper.make_node("LSTM", ["seq", "LW", "LR"], ["ly"], hidden_size=8, name="lstm")]
+    model = make_model(nodes, [vi("x", [4, 4]), vi("x3", [2, 3, 4]), vi("seq", [5, 1, 4])],
+                       [vi("a", None), vi("b", None), vi("c", None), vi("ly", None)],
+                       [_init(_w((6, 4), 1), "Wl"), _init(_w((2, 4, 5), 2), "W3"), _init(_w((4, 7), 3), "We"),
+                        lstm_w, lstm_r])
+    _, skipped = find_groups(model)
+    assert [(s.producer, s.producer_op, s.units, s.reason) for s in skipped] == [
+        ("Wl", "MatMul", 6, "its weight is the left operand of MatMul 'left' (W @ x): only x @ W layers are cut"),
+        ("W3", "MatMul", 5, "a 3-D (batched) weight of MatMul 'batched': only 2-D weights are cut"),
+        ("We", "Einsum", 0, "Einsum 'ein': only MatMul, Gemm and Conv layers are cut"),
+        ("LW", "LSTM", 8, "the recurrent layer LSTM 'lstm': its hidden units feed back into it, so they are not cut")]
