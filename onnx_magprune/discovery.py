@@ -178,6 +178,10 @@ def find_weights(index: GraphIndex, *, min_numel: int, include_overridable: bool
         quant: QuantRef | None = None
         if reason == _QUANT_CANDIDATE:
             uses, quant, reason = _trace_quantized(value, index)
+        elif reason == _ONE_D_CANDIDATE:  # a weight stored flat and reshaped into a weight slot is a weight
+            uses, other = _trace(value, index)
+            weight = uses and not other and all(not _direct_read(u, value) for u in uses)
+            reason = None if weight else _ONE_D
         elif reason is None:
             uses, other = _trace(value, index)
             if other:
@@ -225,6 +229,11 @@ def _attribute_parameters(index: GraphIndex) -> list[Skipped]:
     return out
 
 
+def _direct_read(use: Use, value: Value) -> bool:
+    """Whether the weight slot reads ``value`` itself (a 1-D operand: a vector, not a layer's weight)."""
+    return use.node is not None and use.node.input[use.slot] == value.name
+
+
 def _static_reason(value: Value, min_numel: int, include_overridable: bool) -> str | None:
     """Why ``value`` cannot be a weight whatever it feeds, or None."""
     if value.kind in ("sparse_initializer", "sparse_constant"):
@@ -245,8 +254,10 @@ def _static_reason(value: Value, min_numel: int, include_overridable: bool) -> s
         if tensor.data_type in QUANT_TYPES and len(tensor.dims) >= 2 and 0 < n < min_numel:
             return f"too small: {n} elements, below min_numel {min_numel}"  # a quantized weight, but tiny
         return f"{kind} tensor, not floating point"
-    if len(tensor.dims) <= 1:
-        return "scalar" if not tensor.dims else "1-D tensor (bias, scale or norm parameter)"
+    if not tensor.dims:
+        return "scalar"
+    if len(tensor.dims) == 1:
+        return _ONE_D_CANDIDATE if n >= max(min_numel, 1) else _ONE_D
     if n == 0:
         return "empty tensor"
     if n < min_numel:
@@ -255,6 +266,8 @@ def _static_reason(value: Value, min_numel: int, include_overridable: bool) -> s
 
 
 _QUANT_CANDIDATE = "<quantized candidate>"
+_ONE_D = "1-D tensor (bias, scale or norm parameter)"
+_ONE_D_CANDIDATE = "<1-D candidate>"  # a weight only if it is reshaped into a weight slot
 
 #: (domain, op) -> (weight slot, scale slot, zero-point slot, default axis) for quantized operators
 _QLINEAR = {

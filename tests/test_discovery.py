@@ -282,3 +282,19 @@ def test_numbers_in_attributes_are_listed_with_why_they_stay():
     assert found.skipped[2].reason == "a Constant's value_floats attribute (a number list, not a tensor): left as it is"
     assert found.skipped[0].reason == ("parameters held in an operator attribute, not a tensor: only tensors "
                                        "are pruned")
+
+
+def test_a_flat_weight_reshaped_into_a_weight_slot_is_a_weight_a_1d_vector_read_directly_is_not():
+    w = weight((8 * 4 * 3 * 3,), 3)  # stored flat, reshaped to the Conv's [O, I, kH, kW]
+    v = weight((200,), 4)  # a 1-D operand a MatMul reads as it is: a vector, not a layer's weight
+    nodes = [helper.make_node("Reshape", ["Wflat", "shp"], ["W"]), helper.make_node("Conv", ["x", "W"], ["y"]),
+             helper.make_node("MatMul", ["q", "vec"], ["d"]),
+             helper.make_node("Reshape", ["gamma", "shp2"], ["g"]), helper.make_node("Mul", ["y", "g"], ["z"])]
+    model = make_model(nodes, [vi("x", [1, 4, 6, 6]), vi("q", [3, 200])], [vi("z", None), vi("d", None)],
+                       [numpy_helper.from_array(w, "Wflat"), numpy_helper.from_array(np.array([8, 4, 3, 3]), "shp"),
+                        numpy_helper.from_array(v, "vec"), numpy_helper.from_array(weight((128,), 5), "gamma"),
+                        numpy_helper.from_array(np.array([8, 4, 4]), "shp2")])
+    found = find_weights(GraphIndex(model), min_numel=128)
+    assert [w.name for w in found.weights] == ["Wflat"]
+    reasons = {s.name: s.reason for s in found.skipped}
+    assert reasons["vec"] == reasons["gamma"] == "1-D tensor (bias, scale or norm parameter)"
