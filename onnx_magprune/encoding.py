@@ -40,7 +40,7 @@ from . import compact_choice, compact_code, compact_graph
 from .compact_code import Objective
 from .errors import ConfigError, MagpruneError
 from .external_data import uses_external_data
-from .model_io import expected_nbytes, iter_graphs
+from .model_io import expected_nbytes, iter_graphs, value_names
 from .tensor_data import FLOAT_TYPES, TensorStore, np_dtype, numel
 
 
@@ -209,20 +209,6 @@ def _site(model: onnx.ModelProto, tensor: TensorProto) -> _Site:
     return _Site(None, None, False, tensor.name)
 
 
-def _value_names(model: onnx.ModelProto) -> set[str]:
-    names = set()
-    for g in iter_graphs(model, functions=True):
-        names.update(t.name for t in getattr(g, "initializer", []))
-        names.update(t.values.name for t in getattr(g, "sparse_initializer", []))
-        names.update(v.name for v in getattr(g, "value_info", []))
-        for v in list(g.input) + list(g.output):
-            names.add(v if isinstance(v, str) else v.name)
-        for node in g.node:
-            names.update(node.input)
-            names.update(node.output)
-    return names
-
-
 def _shadowed_names(model: onnx.ModelProto) -> set[str]:
     """Names defined (initializer, input or node output) in more than one graph of the model."""
     seen: dict[str, int] = {}
@@ -291,7 +277,7 @@ class _Encoder:
         compact, note = None, None
         if fmt in (Format.COMPACT, Format.AUTO) and n > 0:
             if self.names is None:
-                self.names = _value_names(self.model)
+                self.names = value_names(self.model)
             compact, note = _compact_candidate(self.model, tensor, array, site.in_function, self.objective,
                                                self.names, name)
         if fmt is Format.AUTO:

@@ -113,18 +113,15 @@ def linear_view(weight: Weight, index: GraphIndex, top_graph: str = "main") -> t
     node = use.node
     if use.graph != top_graph or weight.value.graph != top_graph:
         return None, "it is used inside a subgraph or function"
-    direct = node.input[use.slot] == weight.name
-    if not direct:
+    if node.input[use.slot] != weight.name:  # read through one decoding op, or not a layer's weight
         producer = index.input_value(node, use.slot)
         via = producer.node if producer is not None else None
-        direct = via is not None and via.input[0] == weight.name and (
+        decodes = via is not None and via.input[0] == weight.name and (
             (weight.quant is not None and via.op_type == "DequantizeLinear")
             or (weight.quant is None and via.op_type == "Cast" and _attr(via, "to", 0) in FLOAT_TYPES))
-    if not direct:
-        producer = index.input_value(node, use.slot)
-        via = producer.node.op_type if producer is not None and producer.node is not None else "other ops"
-        return None, f"it reaches {node.op_type} through {via} (the layer's input rows are known only for a weight " \
-                     "the op reads directly)"
+        if not decodes:
+            return None, f"it reaches {node.op_type} through {via.op_type if via is not None else 'other ops'} " \
+                         "(the layer's input rows are known only for a weight the op reads directly)"
     dims = tuple(tensor.dims)
     domain, op = use.op
     if (domain, op) in _QUANTIZED_OPS:

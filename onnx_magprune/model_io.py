@@ -146,6 +146,22 @@ def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     return (t for t, _sparse in _walk(model))
 
 
+def value_names(model: onnx.ModelProto) -> set[str]:
+    """Every name any graph of the model (subgraphs and local functions included) uses or defines:
+    a new name must avoid them all."""
+    names = set()
+    for g in iter_graphs(model, functions=True):
+        names.update(t.name for t in getattr(g, "initializer", []))
+        names.update(t.values.name for t in getattr(g, "sparse_initializer", []))
+        names.update(v.name for v in getattr(g, "value_info", []))
+        for v in list(g.input) + list(g.output):
+            names.add(v if isinstance(v, str) else v.name)
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+    return names
+
+
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of every tensor of the model (initializers, attributes, subgraphs, local functions),
     a sparse tensor counted at its dense shape (not its stored values and indices)."""

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .model_io import iter_graphs
+from .model_io import iter_graphs, value_names
 from .structured import UnitGroup
 
 
@@ -122,17 +122,6 @@ def rewrite(model: onnx.ModelProto, plans: Sequence[tuple[UnitGroup, np.ndarray]
 __all__ = ["rewrite", "unit_indices"]
 
 
-def _names_in_use(model: onnx.ModelProto) -> set[str]:
-    """Every name any graph of the model defines or declares (subgraphs included)."""
-    taken: set[str] = set()
-    for g in iter_graphs(model):
-        taken.update(t.name for t in g.initializer)
-        taken.update(t.values.name for t in g.sparse_initializer)
-        taken.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
-        taken.update(o for n in g.node for o in n.output if o)
-    return taken
-
-
 def _readers(model: onnx.ModelProto) -> dict[str, int]:
     """How many node inputs (in any graph, captures included) and main-graph outputs read each name."""
     count: dict[str, int] = {}
@@ -151,7 +140,7 @@ def _own_copies(model: onnx.ModelProto, private, protos: Mapping[str, onnx.Tenso
     Concat (the Concat is copied too, just before the Reshape, when others read it).  Originals that
     end up unread are dropped."""
     graph = model.graph
-    taken = _names_in_use(model)
+    taken = value_names(model)
     originals: list[str] = []
 
     def fresh(base: str, reshape_out: str) -> str:
