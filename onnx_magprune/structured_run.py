@@ -44,6 +44,8 @@ from .structured import Consumer, SkippedGroup, UnitGroup, find_groups
 from .structured_allocate import allocate
 from .structured_heads import find_head_groups
 from .structured_probe import failed_checks
+from .structured_refine import Block, Chain, forward, refine
+from .structured_refine_plan import RefinePlan, constant_value, refine_plan
 from .structured_refit import activation_scores, damping, lsq_refit, obs_remove, output_error
 from .structured_rewrite import rewrite, tensor_protos
 from .structured_select import global_counts, local_counts, norm_scores, smallest, unit_rows
@@ -71,6 +73,11 @@ class StructuredOptions:
     # with calibration: weight each row of a layer whose output reaches a LayerNorm/RMSNorm by
     # 1/(σ²+ε) of the norm's input, so the re-fit minimises the error after the norm (norm_sites)
     norm_weighted: bool = True
+    # with calibration: after the re-fit, Adam epochs over the calibration rows that also move the
+    # producer's kept columns and bias (structured_refine); 0 leaves the re-fit as it is
+    refine_epochs: int = 0
+    refine_lr: float = 2.5e-3  # each step is this x the RMS of the block's weight matrix
+    refine_rows: int = 1 << 16  # at most this many activation rows (the first ones) per group
 
     def __post_init__(self):
         if self.unit not in UNITS:
@@ -81,10 +88,18 @@ class StructuredOptions:
             raise ConfigError(f"norm_weighted must be true or false, got {self.norm_weighted!r}")
         if isinstance(self.min_units, bool) or not isinstance(self.min_units, int) or self.min_units < 1:
             raise ConfigError(f"min_units must be an integer >= 1, got {self.min_units!r}")
+        if isinstance(self.refine_epochs, bool) or not isinstance(self.refine_epochs, int) or self.refine_epochs < 0:
+            raise ConfigError(f"refine_epochs must be an integer >= 0, got {self.refine_epochs!r}")
+        if isinstance(self.refine_lr, bool) or not isinstance(self.refine_lr, (int, float)) \
+                or not 0 < self.refine_lr < 1:
+            raise ConfigError(f"refine_lr must be a number in (0, 1), got {self.refine_lr!r}")
+        if isinstance(self.refine_rows, bool) or not isinstance(self.refine_rows, int) or self.refine_rows < 1:
+            raise ConfigError(f"refine_rows must be an integer >= 1, got {self.refine_rows!r}")
 
     def to_dict(self) -> dict:
         return {"unit": self.unit, "norm": self.norm, "min_units": self.min_units,
-                "norm_weighted": self.norm_weighted}
+                "norm_weighted": self.norm_weighted, "refine_epochs": self.refine_epochs,
+                "refine_lr": self.refine_lr, "refine_rows": self.refine_rows}
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,9 @@ class StructuredRun:
         self.calibrated = self.criterion != "norm" or self.refit
         if self.calibrated and statistics is None:
             raise ConfigError("calibration-aware structured removal needs calibration data: pass --calibration")
+        if opts.refine_epochs and not self.refit:
+            raise ConfigError("--refine-epochs refines the re-fitted layers: use it with --calibration and "
+                              "--method obs or wanda (not with --no-refit)")
         self.proto = proto
         self.params_before = _params(proto)
         self.bytes_before = proto.ByteSize()
@@ -327,13 +345,26 @@ class StructuredRun:
                 fed[c.weight] = self._value(c.weight)
                 if c.bias is not None:
                     fed[c.bias] = self._value(c.bias)
+        self._plans: dict[str, RefinePlan | str] = {}
+        if self.opts.refine_epochs:
+            for gr in self.groups:
+                plan = refine_plan(self.proto, gr.group)
+                self._plans[gr.group.producer] = plan
+                if isinstance(plan, RefinePlan):  # later layers must see the refined producers
+                    fed[plan.producer] = self._value(plan.producer)
+                    if plan.producer_bias is not None:
+                        fed[plan.producer_bias] = self._value(plan.producer_bias)
         fed = {k: v for k, v in fed.items() if k in {t.name for t in self.proto.graph.initializer}
                or any(n.op_type == "Constant" and n.output and n.output[0] == k for n in self.proto.graph.node)}
         m = self.method
         first = {gr.group.consumers[0].weight: gr for gr in self.groups}
+        weighted = self._weighted() if self.opts.norm_weighted else frozenset()
+        self._sites = {w: site for w, site in norm_sites(self.proto, self._views).items() if w in weighted}
+        fetch = sorted({p.x for p in self._plans.values() if isinstance(p, RefinePlan)}
+                       | {site.tensor for site in self._sites.values()}) if self.opts.refine_epochs else []
         self.stats_model = StatsModel(self.proto, dict(fed), {w: self._views[w] for w in first},
                                       statistics, batch_size=m.batch_size, threads=m.threads,
-                                      weighted=self._weighted() if self.opts.norm_weighted else frozenset())
+                                      weighted=weighted, extra_fetch=tuple(fetch))
         self._finished: set[str] = set()  # consumer weights and biases fitted in earlier stages
         if self.pool:
             self._allocate()
@@ -346,6 +377,9 @@ class StructuredRun:
             stats = self._collect(stage, f"stage {s + 1}/{len(order)}")
             for gr in stage:
                 self._select_refit(gr, stats[gr.group.consumers[0].weight])
+            for gr in stage:
+                if self.opts.refine_epochs and gr.info and gr.info.get("refit"):
+                    self._refine(gr)
             self._finished |= {name for gr in stage for c in gr.group.consumers for name in (c.weight, c.bias) if name}
         rows = [gr.info.get("stats_rows") for gr in self.groups if gr.info and gr.info.get("stats_rows")]
         widths = [gr.info.get("width") for gr in self.groups if gr.info and gr.info.get("width")]
@@ -491,6 +525,77 @@ class StructuredRun:
                    "error_masked": output_error(w, masked, h) / energy,
                    "error_after": output_error(w, new, h) / energy}
         self._store(gr, new, parts, biased)
+
+    def _refine(self, gr: _Group) -> None:
+        """Adam over the calibration rows on the producer's kept columns and bias and the consumer's
+        kept rows and bias, against the dense block's output on the current model's inputs."""
+        plan = self._plans.get(gr.group.producer)
+        if not isinstance(plan, RefinePlan):
+            gr.info["refine"] = {"skipped": plan or "no plan"}
+            return
+        g, c = gr.group, gr.group.consumers[0]
+        kept = np.setdiff1d(np.arange(g.units), gr.removed)
+        if not kept.size:
+            gr.info["refine"] = {"skipped": "every unit is removed"}
+            return
+        site = self._sites.get(c.weight)
+        names = [plan.x] + ([site.tensor] if site is not None else [])
+        rows = self.stats_model.fetch_rows(names, self.opts.refine_rows)
+        self.passes += 1
+        graph = self.proto.graph
+        original = lambda name: numpy_helper.to_array(self.protos[name])  # noqa: E731 - before removal
+        as_cols = lambda w: (w if plan.unit_axis == 1 else w.T).astype(np.float32)  # noqa: E731 - [in, units]
+        x = rows[plan.x].reshape(-1, as_cols(original(plan.producer)).shape[0])
+        full = {k: constant_value(graph, k).astype(np.float32) for k in plan.constants}
+        cut = {k: (v.reshape(-1)[kept].reshape(v.shape[:-1] + (kept.size,)) if v.size > 1 else v)
+               for k, v in full.items()}
+        w_c0 = self._views[c.weight].to_matrix(original(c.weight)).T.astype(np.float32)  # [units, out]
+        b_c0 = original(c.bias).astype(np.float32).reshape(-1) if c.bias is not None else None
+        if b_c0 is not None and b_c0.size != w_c0.shape[1]:
+            gr.info["refine"] = {"skipped": "its consumer bias is one value for every output"}
+            return
+        dense = Block(as_cols(original(plan.producer)),
+                      original(plan.producer_bias).astype(np.float32).reshape(-1) if plan.producer_bias else None,
+                      w_c0, b_c0)
+        y = forward(dense, Chain(plan.start, plan.end, list(plan.chain), full), x)[0]
+        weights = None
+        if site is not None:
+            z = rows[site.tensor].reshape(len(x), -1).astype(np.float64) if rows[site.tensor].size else None
+            if z is not None and len(z) == len(x):
+                spread = (z.var(axis=1) if site.centered else np.mean(z * z, axis=1)) + site.epsilon
+                floor = max(1e-4 * float(np.median(spread)), np.finfo(np.float64).tiny)
+                weights = 1.0 / np.maximum(spread, floor)
+        w, cols, parts, biased = self._layout(gr)  # the re-fitted consumer
+        feat = cols[kept, 0]
+        start = Block(as_cols(self._value(plan.producer))[:, kept],
+                      self._value(plan.producer_bias).astype(np.float32).reshape(-1)[kept]
+                      if plan.producer_bias else None,
+                      w[feat].astype(np.float32), w[-1].astype(np.float32) if biased else None)
+        res = refine(start, Chain(plan.start, plan.end, list(plan.chain), cut), x, y, weights,
+                     self.opts.refine_epochs, self.opts.refine_lr)
+        gr.info["refine"] = {**res.to_dict(self.opts.refine_epochs), "row_weights": site.tensor if weights is not None
+                             else None}
+        if res.best_epoch == 0:
+            return
+        w = w.copy()
+        w[feat] = res.block.wc
+        if biased:
+            w[-1] = res.block.bc
+        self._store(gr, w, parts, biased)
+        wp = self._value(plan.producer).copy()
+        if plan.unit_axis == 1:
+            wp[:, kept] = res.block.wp
+        else:
+            wp[kept, :] = res.block.wp.T
+        updates = {plan.producer: wp}
+        if plan.producer_bias:
+            bp = self._value(plan.producer_bias).copy()
+            bp.reshape(-1)[kept] = res.block.bp
+            updates[plan.producer_bias] = bp
+        for name, value in updates.items():
+            self.values[name] = value
+            if name in self.stats_model.weights:
+                self.stats_model.set_weight(name, value.astype(self.stats_model.weights[name].dtype))
 
     # -- report ---------------------------------------------------------------
 
