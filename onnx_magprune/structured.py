@@ -760,6 +760,8 @@ class _Walker:
     def _consumer_bias(self, node: onnx.NodeProto, layout: str) -> tuple[str | None, int]:
         """The bias the consumer's output gets (re-fitted with the consumer), when it is its own."""
         if node.op_type in ("Gemm", "Conv"):
+            if node.op_type == "Gemm" and _attr(node, "beta", 1.0) != 1.0:  # beta x C: C is not the fitted bias
+                return None, -1
             v = _constant(self.index, node, 2)
             if v is None or len(v.uses) != 1 or _const_problem(v, self.include_overridable):
                 return None, -1

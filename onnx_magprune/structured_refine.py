@@ -27,6 +27,7 @@ import numpy as np
 CHAIN_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Gelu",
                        "Pow", "Sqrt", "Neg", "Identity", "Exp", "Softplus", "Cast"})
 HELD_OUT = 0.1  # share of the rows that choose the epoch
+MIN_ROWS = 50  # fewer rows: no refinement (a tenth of them cannot judge the epochs)
 BATCH = 512
 SEED = 0
 _SQRT_2PI = np.sqrt(2.0 * np.pi)
@@ -190,13 +191,15 @@ def refine(block: Block, chain: Callable, x: np.ndarray, y: np.ndarray, row_weig
     n = len(x)
     w = np.ones(n, np.float32) if row_weights is None else np.asarray(row_weights, np.float32)
     w = w / max(float(w.mean()), np.finfo(np.float32).tiny)
-    held = int(round(n * HELD_OUT)) if n >= 20 else 0
+    held = max(1, int(round(n * HELD_OUT)))
     fit = n - held
     xf, yf, wf = x[:fit], y[:fit], w[:fit]
-    xh, yh, wh = (x[fit:], y[fit:], w[fit:]) if held else (xf, yf, wf)
+    xh, yh, wh = x[fit:], y[fit:], w[fit:]
     cur = block.copy()
     start = best_err = _error(cur, chain, xh, yh, wh)
     best, best_epoch = cur.copy(), 0
+    if n < MIN_ROWS:
+        epochs = 0
     names = cur.names()
     scale = {"wp": _rms(cur.wp), "bp": _rms(cur.wp), "wc": _rms(cur.wc), "bc": _rms(cur.wc)}
     m = {k: np.zeros_like(getattr(cur, k)) for k in names}
@@ -236,4 +239,4 @@ def _rms(a: np.ndarray) -> float:
     return r if r > 0 else 1.0
 
 
-__all__ = ["CHAIN_OPS", "Chain", "ChainNode", "Block", "RefineResult", "refine", "forward"]
+__all__ = ["MIN_ROWS", "CHAIN_OPS", "Chain", "ChainNode", "Block", "RefineResult", "refine", "forward"]

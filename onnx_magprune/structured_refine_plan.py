@@ -39,12 +39,17 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant nodes (``value``, ``value_float``, ``value_floats``) as TensorProtos."""
     out = {t.name: t for t in graph.initializer}
     for n in graph.node:
-        if n.op_type == "Constant" and n.output:
-            t = next((a.t for a in n.attribute if a.name == "value"), None)
-            if t is not None:
-                out[n.output[0]] = t
+        if n.op_type != "Constant" or not n.output:
+            continue
+        for a in n.attribute:
+            if a.name == "value":
+                out[n.output[0]] = a.t
+            elif a.name in ("value_float", "value_floats"):
+                v = np.asarray(helper.get_attribute_value(a), dtype=np.float32)
+                out[n.output[0]] = numpy_helper.from_array(v, n.output[0])
     return out
 
 
@@ -80,6 +85,9 @@ def refine_plan(proto: onnx.ModelProto, g: UnitGroup) -> RefinePlan | str:
         if _attr(p, "transA", 0) or _attr(p, "alpha", 1.0) != 1.0 or _attr(p, "beta", 1.0) != 1.0:
             return "its producer Gemm has transA, alpha or beta != 1"
         unit_axis = 0 if _attr(p, "transB", 0) else 1
+        has_c = len(p.input) > 2 and p.input[2]
+        if has_c and p.input[2] not in {s.tensor for s in g.shrinks if s.role == "producer bias"}:
+            return "its producer Gemm adds a C that is not one value per unit"
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
@@ -134,6 +142,8 @@ def refine_plan(proto: onnx.ModelProto, g: UnitGroup) -> RefinePlan | str:
             return f"its chain holds a {n.op_type}, which refinement cannot differentiate"
         if n.op_type == "Cast" and _attr(n, "to", 0) not in _FLOATS:
             return "its chain casts to a non-float type"
+        if n.op_type == "Pow" and len(n.input) > 1 and n.input[1] in made:
+            return "its chain raises a constant to the power of the units (Pow with a varying exponent)"
         for i in n.input:
             if i in made:
                 continue

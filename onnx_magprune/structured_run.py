@@ -44,7 +44,7 @@ from .structured import Consumer, SkippedGroup, UnitGroup, find_groups
 from .structured_allocate import allocate
 from .structured_heads import find_head_groups
 from .structured_probe import failed_checks
-from .structured_refine import Block, Chain, forward, refine
+from .structured_refine import MIN_ROWS, Block, Chain, forward, refine
 from .structured_refine_plan import RefinePlan, constant_value, refine_plan
 from .structured_refit import activation_scores, damping, lsq_refit, obs_remove, output_error
 from .structured_rewrite import rewrite, tensor_protos
@@ -546,16 +546,25 @@ class StructuredRun:
         original = lambda name: numpy_helper.to_array(self.protos[name])  # noqa: E731 - before removal
         as_cols = lambda w: (w if plan.unit_axis == 1 else w.T).astype(np.float32)  # noqa: E731 - [in, units]
         x = rows[plan.x].reshape(-1, as_cols(original(plan.producer)).shape[0])
-        full = {k: constant_value(graph, k).astype(np.float32) for k in plan.constants}
-        cut = {k: (v.reshape(-1)[kept].reshape(v.shape[:-1] + (kept.size,)) if v.size > 1 else v)
-               for k, v in full.items()}
+        if len(x) < MIN_ROWS:
+            gr.info["refine"] = {"skipped": f"{len(x)} calibration rows, fewer than {MIN_ROWS}: too few to hold "
+                                            "a tenth out and still fit"}
+            return
+        x = x.copy()
+        x[:, self._cut_inputs(plan.producer)] = 0.0  # inputs an earlier group removes: they will not exist
+        # per-unit constants as [units] (then [kept]), scalars as 0-d: the rows are 2-D
+        full = {k: (v.reshape(-1) if v.size > 1 else v.reshape(()))
+                for k, v in ((k, constant_value(graph, k).astype(np.float32)) for k in plan.constants)}
+        cut = {k: (v[kept] if v.ndim else v) for k, v in full.items()}
         w_c0 = self._views[c.weight].to_matrix(original(c.weight)).T.astype(np.float32)  # [units, out]
         b_c0 = original(c.bias).astype(np.float32).reshape(-1) if c.bias is not None else None
         if b_c0 is not None and b_c0.size != w_c0.shape[1]:
             gr.info["refine"] = {"skipped": "its consumer bias is one value for every output"}
             return
-        dense = Block(as_cols(original(plan.producer)),
-                      original(plan.producer_bias).astype(np.float32).reshape(-1) if plan.producer_bias else None,
+        # the block as it is before this group's removal: the producer as earlier groups left it (their
+        # re-fits and refinements change its input rows), the consumer as it was
+        dense = Block(as_cols(self._value(plan.producer)),
+                      self._value(plan.producer_bias).astype(np.float32).reshape(-1) if plan.producer_bias else None,
                       w_c0, b_c0)
         y = forward(dense, Chain(plan.start, plan.end, list(plan.chain), full), x)[0]
         weights = None
@@ -596,6 +605,18 @@ class StructuredRun:
             self.values[name] = value
             if name in self.stats_model.weights:
                 self.stats_model.set_weight(name, value.astype(self.stats_model.weights[name].dtype))
+
+    def _cut_inputs(self, producer: str) -> np.ndarray:
+        """Input features of ``producer`` that other groups remove (it is their consumer)."""
+        feats = [np.zeros(0, np.int64)]
+        for other in self.groups:
+            if other.removed is None:
+                continue
+            for c in other.group.consumers:
+                if c.weight == producer and c.layout != "conv":
+                    cols = _unit_cols(other.group.units, c, self._value(c.weight).shape)
+                    feats.append(cols[other.removed].reshape(-1))
+        return np.unique(np.concatenate(feats))
 
     # -- report ---------------------------------------------------------------
 

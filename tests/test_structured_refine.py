@@ -160,3 +160,86 @@ def test_refine_epochs_messages(tmp_path):
                              "--structured", "neurons", "--refine-epochs", "2"])
     assert r.exit_code == 2 and "--refine-epochs refines the re-fitted layers" in r.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --- cases a review found ---------------------------------------------------------------------------
+
+
+def _three_layers():
+    """x -> W1 -> Tanh -> W2 -> Tanh -> W3: W2 consumes the first group and produces the second."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]), helper.make_node("Tanh", ["a"], ["ta"]),
+             helper.make_node("MatMul", ["ta", "W2"], ["b"]), helper.make_node("Tanh", ["b"], ["tb"]),
+             helper.make_node("MatMul", ["tb", "W3"], ["y"])]
+    inits = [_init(_w((8, 16), 1) * 0.5, "W1"), _init(_w((16, 16), 2) * 0.3, "W2"), _init(_w((16, 6), 3), "W3")]
+    return make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 6])], inits)
+
+
+def test_inputs_removed_upstream_are_not_refined_into_the_producer():
+    model = _three_layers()
+    calib = [{"x": _w((50, 8), 20 + i)} for i in range(4)]
+    held = [{"x": _w((50, 8), 90 + i)} for i in range(4)]
+    plain, _ = _refined(model, 0, calib)
+    refined, rep = _refined(model, 10, calib)
+    r = {g["producer"]: g["refine"] for g in rep.structured["groups"]}
+    assert r["W2"]["best_epoch"] >= 1 and r["W2"]["error_after"] < r["W2"]["error_before"]
+    assert _err(model, refined, held) < _err(model, plain, held)
+    # W2's rows for the units W1's group removes stay 0 until the cut (Adam used to move them: trained, then cut)
+    from onnx_magprune.calibration import open_calibration
+    from onnx_magprune.config import PruneConfig
+    from onnx_magprune.structured_run import StructuredRun
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    run = StructuredRun(proto, PruneConfig(sparsity=0.5, scope="local", min_numel=0),
+                        StructuredOptions(refine_epochs=10, refine_lr=1e-2),
+                        MethodOptions(method="obs", calibration=calib, holdout=0.0), open_calibration(calib, model))
+    first = next(gr for gr in run.groups if gr.group.producer == "W1")
+    assert len(first.removed) == 8 and not run.values["W2"][first.removed].any()
+
+
+def _block(between, consts=(), producer="MatMul", consumer_attrs=None, c=None):
+    """x[N, 8] -> producer(W1) -> between -> MatMul/Gemm(W2) -> y; ``between`` nodes read 'h', write 'a'."""
+    p_inputs = ["x", "W1"] + ([c] if c else [])
+    nodes = [helper.make_node(producer, p_inputs, ["h"])] + between
+    if consumer_attrs is not None:
+        nodes.append(helper.make_node("Gemm", ["a", "W2", "c2"], ["y"], **consumer_attrs))
+    else:
+        nodes.append(helper.make_node("MatMul", ["a", "W2"], ["y"]))
+    inits = [_init(_w((8, 16), 1) * 0.3, "W1"), _init(_w((16, 6), 3), "W2"), _init(_w((6,), 4), "c2"), *consts]
+    return make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 6])], inits)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("scalar_c", "its producer Gemm adds a C that is not one value per unit"),
+    ("pow_exponent", "its chain raises a constant to the power of the units (Pow with a varying exponent)"),
+])
+def test_plan_refuses_what_it_would_get_wrong(case, reason):
+    if case == "scalar_c":
+        m = _block([helper.make_node("Tanh", ["h"], ["a"])], [_init(np.array(2.0), "two")], producer="Gemm", c="two")
+    else:
+        m = _block([helper.make_node("Pow", ["two", "h"], ["a"])], [_init(np.array(2.0), "two")])
+    (g,), _ = find_groups(m)
+    assert refine_plan(m, g) == reason
+
+
+def test_a_rank3_per_unit_constant_and_too_few_rows():
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Mul", ["h", "s"], ["hs"]),
+             helper.make_node("Tanh", ["hs"], ["a"]), helper.make_node("MatMul", ["a", "W2"], ["y"])]
+    inits = [_init(_w((8, 16), 1) * 0.3, "W1"), _init(np.linspace(0.5, 1.5, 16).reshape(1, 1, 16), "s"),
+             _init(_w((16, 8), 3), "W2")]
+    m = make_model(nodes, [vi("x", ["B", "T", 8])], [vi("y", ["B", "T", 8])], inits)
+    _, rep = _refined(m, 3, [{"x": _w((4, 10, 8), 30 + i)} for i in range(5)])
+    (g,) = rep.structured["groups"]
+    assert g["refine"]["rows"] == 200 and g["refine"]["held_out_rows"] == 20
+    _, rep = _refined(m, 3, [{"x": _w((1, 10, 8), 30 + i)} for i in range(4)])
+    (g,) = rep.structured["groups"]
+    assert g["refine"] == {"skipped": "40 calibration rows, fewer than 50: too few to hold a tenth out and still fit"}
+
+
+def test_a_consumer_gemm_with_beta_keeps_its_c():
+    m = _block([helper.make_node("Tanh", ["h"], ["a"])], consumer_attrs={"beta": 0.5})
+    pruned, rep = _refined(m, 0, [{"x": _w((50, 8), 40 + i)} for i in range(2)])
+    (g,) = rep.structured["groups"]
+    assert g["bias_refit"] is False
+    c2 = next(t for t in pruned.graph.initializer if t.name == "c2")
+    assert np.array_equal(onnx.numpy_helper.to_array(c2), _w((6,), 4))
