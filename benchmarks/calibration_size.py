@@ -113,7 +113,7 @@ def run(quick: bool, n_threads: int, tmp: Path) -> dict:
 
 
 def readme_section(result: dict) -> str:
-    lines = [generated_by("calibration_size.py", result) + ". all-MiniLM-L6-v2, {TARGET['level']:.0%} of the "
+    lines = [generated_by("calibration_size.py", result) + f". all-MiniLM-L6-v2, {TARGET['level']:.0%} of the "
              "feed-forward neurons of all 6 layers removed by `--structured neurons --method obs --calibration "
              f"FIRST_N.npz` (structured OBS + least-squares re-fit, as in the table above; `--damp {DAMP}` with "
              f"256 sentences, `--damp {DAMP_LARGE}` with more), optionally `--refine-epochs E` (Adam over the "
