@@ -171,6 +171,17 @@ class _ResidualAcc:
         self.d = d if self.d is None else self.d + d
 
 
+def norm_row_spread(rows: np.ndarray, site: NormSite, keep_mask=None) -> np.ndarray:
+    """``σ² + ε`` per row ``[n, width]`` of a norm's input (mean square for RMS norms): a row's
+    squared error after the norm is its error over this.  A (nearly) constant row would take all
+    the weight (BERT's ε is 1e-12): at least 1e-4 x the median real row's."""
+    rows = np.asarray(rows, dtype=np.float64)
+    spread = (rows.var(axis=1) if site.centered else np.mean(rows * rows, axis=1)) + site.epsilon
+    real = spread[np.asarray(keep_mask).reshape(-1) != 0] if keep_mask is not None else spread
+    floor = max(1e-4 * float(np.median(real)) if real.size else 0.0, np.finfo(np.float64).tiny)
+    return np.maximum(spread, floor)
+
+
 @dataclass
 class StatsModel:
     """The statistics model and its one session (``sessions_created`` counts them, for tests)."""
@@ -332,11 +343,7 @@ class StatsModel:
         rows = np.asarray(z, dtype=np.float64).reshape(n_rows, width)
         if not np.isfinite(rows).all():
             raise RuntimeFailure(f"the normalization input '{site.tensor}' holds NaN/Inf on the calibration data")
-        spread = (rows.var(axis=1) if site.centered else np.mean(rows * rows, axis=1)) + site.epsilon
-        real = spread[keep_mask.reshape(-1) != 0] if keep_mask is not None else spread
-        # a (nearly) constant row would take all the weight (BERT's ε is 1e-12): at most 1e4 x the median's
-        floor = max(1e-4 * float(np.median(real)) if real.size else 0.0, np.finfo(np.float64).tiny)
-        return 1.0 / np.sqrt(np.maximum(spread, floor))
+        return 1.0 / np.sqrt(norm_row_spread(rows, site, keep_mask))
 
     def changed(self) -> bool:
         """Whether any fed weight differs from its reference (the weights as given)."""

@@ -32,7 +32,7 @@ from onnx import numpy_helper
 from . import __version__
 from .config import NonFinite, PruneConfig, Scope
 from .errors import ConfigError, NonFiniteWeightError
-from .layer_stats import LayerStats, StatsModel, StatsRequest
+from .layer_stats import LayerStats, StatsModel, StatsRequest, norm_row_spread
 from .stats_graph import topological_stages
 from .layer_view import ConvGeometry, LinearView
 from .norm_sites import norm_sites
@@ -544,8 +544,12 @@ class StructuredRun:
         self.passes += 1
         graph = self.proto.graph
         original = lambda name: numpy_helper.to_array(self.protos[name])  # noqa: E731 - before removal
-        as_cols = lambda w: (w if plan.unit_axis == 1 else w.T).astype(np.float32)  # noqa: E731 - [in, units]
-        x = rows[plan.x].reshape(-1, as_cols(original(plan.producer)).shape[0])
+        # the producer ([in, units]) and its bias as earlier groups left them (their re-fits and refinements
+        # change its input rows): with the consumer as it was, the block before this group's removal
+        wp = self._value(plan.producer)
+        wp = (wp if plan.unit_axis == 1 else wp.T).astype(np.float32)
+        bp = self._value(plan.producer_bias).astype(np.float32).reshape(-1) if plan.producer_bias else None
+        x = rows[plan.x].reshape(-1, wp.shape[0])
         if len(x) < MIN_ROWS:
             gr.info["refine"] = {"skipped": f"{len(x)} calibration rows, fewer than {MIN_ROWS}: too few to hold "
                                             "a tenth out and still fit"}
@@ -561,24 +565,12 @@ class StructuredRun:
         if b_c0 is not None and b_c0.size != w_c0.shape[1]:
             gr.info["refine"] = {"skipped": "its consumer bias is one value for every output"}
             return
-        # the block as it is before this group's removal: the producer as earlier groups left it (their
-        # re-fits and refinements change its input rows), the consumer as it was
-        dense = Block(as_cols(self._value(plan.producer)),
-                      self._value(plan.producer_bias).astype(np.float32).reshape(-1) if plan.producer_bias else None,
-                      w_c0, b_c0)
-        y = forward(dense, Chain(plan.start, plan.end, list(plan.chain), full), x)[0]
-        weights = None
-        if site is not None:
-            z = rows[site.tensor].reshape(len(x), -1).astype(np.float64) if rows[site.tensor].size else None
-            if z is not None and len(z) == len(x):
-                spread = (z.var(axis=1) if site.centered else np.mean(z * z, axis=1)) + site.epsilon
-                floor = max(1e-4 * float(np.median(spread)), np.finfo(np.float64).tiny)
-                weights = 1.0 / np.maximum(spread, floor)
+        y = forward(Block(wp, bp, w_c0, b_c0), Chain(plan.start, plan.end, list(plan.chain), full), x)[0]
+        z = rows[site.tensor] if site is not None else None
+        weights = 1.0 / norm_row_spread(z, site) if z is not None and z.size and len(z) == len(x) else None
         w, cols, parts, biased = self._layout(gr)  # the re-fitted consumer
         feat = cols[kept, 0]
-        start = Block(as_cols(self._value(plan.producer))[:, kept],
-                      self._value(plan.producer_bias).astype(np.float32).reshape(-1)[kept]
-                      if plan.producer_bias else None,
+        start = Block(wp[:, kept], bp[kept] if bp is not None else None,
                       w[feat].astype(np.float32), w[-1].astype(np.float32) if biased else None)
         res = refine(start, Chain(plan.start, plan.end, list(plan.chain), cut), x, y, weights,
                      self.opts.refine_epochs, self.opts.refine_lr)
