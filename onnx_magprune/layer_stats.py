@@ -364,7 +364,6 @@ class StatsModel:
         for batch in self.calibration.batches(self.batch_size):
             outs = self._run(sess, fetch, {**batch.feeds, **self.weights}, batch.feeds)
             mask = batch.feeds.get(self._mask_input) if self._mask_input else None
-            got = 0
             for n in names:
                 x = np.asarray(outs[n])
                 keep = mask is not None and x.ndim >= 2 and x.shape[:mask.ndim] == mask.shape
@@ -372,8 +371,7 @@ class StatsModel:
                 if keep:
                     r = r[mask.reshape(-1) != 0]
                 parts[n].append(r.astype(np.float32))
-                got = len(r)
-            count += got
+            count += len(parts[names[0]][-1])  # the limit counts the first tensor's rows
             if count >= limit:
                 break
         return {n: np.concatenate(p)[:limit] if p else np.zeros((0, 0), np.float32) for n, p in parts.items()}

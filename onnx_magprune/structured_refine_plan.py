@@ -8,6 +8,7 @@ or the reason it cannot be refined (a check that says why, rather than raising).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from .structured import UnitGroup
 from .structured_refine import CHAIN_OPS, ChainNode
+from .structured_rewrite import tensor_protos
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
 
@@ -27,7 +29,7 @@ class RefinePlan:
     producer_bias: str | None
     start: str  # the producer's output after its bias: where the chain starts
     chain: tuple[ChainNode, ...]
-    constants: tuple[str, ...]  # constants the chain reads
+    constants: Mapping[str, np.ndarray]  # the constants the chain reads, by name (float32)
     end: str  # the consumer's input
 
 
@@ -38,23 +40,17 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant nodes (``value``, ``value_float``, ``value_floats``) as TensorProtos."""
-    out = {t.name: t for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type != "Constant" or not n.output:
-            continue
-        for a in n.attribute:
-            if a.name == "value":
-                out[n.output[0]] = a.t
-            elif a.name in ("value_float", "value_floats"):
-                v = np.asarray(helper.get_attribute_value(a), dtype=np.float32)
-                out[n.output[0]] = numpy_helper.from_array(v, n.output[0])
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """:func:`~onnx_magprune.structured_rewrite.tensor_protos`, plus Constant nodes written with
+    ``value_float`` / ``value_floats`` (read only here: the rewrite never cuts those)."""
+    out = tensor_protos(model)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] not in out:
+            for a in n.attribute:
+                if a.name in ("value_float", "value_floats"):
+                    v = np.asarray(helper.get_attribute_value(a), dtype=np.float32)
+                    out[n.output[0]] = numpy_helper.from_array(v, n.output[0])
     return out
-
-
-def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray:
-    return numpy_helper.to_array(_constants(graph)[name])
 
 
 def refine_plan(proto: onnx.ModelProto, g: UnitGroup) -> RefinePlan | str:
@@ -71,7 +67,7 @@ def refine_plan(proto: onnx.ModelProto, g: UnitGroup) -> RefinePlan | str:
     if c.node.op_type == "Gemm" and (_attr(c.node, "transA", 0) or _attr(c.node, "alpha", 1.0) != 1.0):
         return "its consumer Gemm has transA or alpha != 1"
     graph = proto.graph
-    consts = _constants(graph)
+    consts = _constants(proto)
     p = g.node
     if p.op_type not in ("MatMul", "Gemm"):
         return f"its producer is a {p.op_type}; only MatMul/Gemm producers are refined"
@@ -160,8 +156,8 @@ def refine_plan(proto: onnx.ModelProto, g: UnitGroup) -> RefinePlan | str:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
         nodes.append(ChainNode(n.op_type, tuple(n.input), n.output[0], attrs))
-    return RefinePlan(p.input[0], g.producer, unit_axis, bias, start, tuple(nodes),
-                      tuple(dict.fromkeys(needed)), end)
+    constants = {k: numpy_helper.to_array(consts[k]).astype(np.float32) for k in dict.fromkeys(needed)}
+    return RefinePlan(p.input[0], g.producer, unit_axis, bias, start, tuple(nodes), constants, end)
 
 
-__all__ = ["RefinePlan", "refine_plan", "constant_value"]
+__all__ = ["RefinePlan", "refine_plan"]

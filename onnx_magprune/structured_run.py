@@ -45,7 +45,7 @@ from .structured_allocate import allocate
 from .structured_heads import find_head_groups
 from .structured_probe import failed_checks
 from .structured_refine import MIN_ROWS, Block, Chain, forward, refine
-from .structured_refine_plan import RefinePlan, constant_value, refine_plan
+from .structured_refine_plan import RefinePlan, refine_plan
 from .structured_refit import activation_scores, damping, lsq_refit, obs_remove, output_error
 from .structured_rewrite import rewrite, tensor_protos
 from .structured_select import global_counts, local_counts, norm_scores, smallest, unit_rows
@@ -542,7 +542,6 @@ class StructuredRun:
         names = [plan.x] + ([site.tensor] if site is not None else [])
         rows = self.stats_model.fetch_rows(names, self.opts.refine_rows)
         self.passes += 1
-        graph = self.proto.graph
         original = lambda name: numpy_helper.to_array(self.protos[name])  # noqa: E731 - before removal
         # the producer ([in, units]) and its bias as earlier groups left them (their re-fits and refinements
         # change its input rows): with the consumer as it was, the block before this group's removal
@@ -557,8 +556,7 @@ class StructuredRun:
         x = x.copy()
         x[:, self._cut_inputs(plan.producer)] = 0.0  # inputs an earlier group removes: they will not exist
         # per-unit constants as [units] (then [kept]), scalars as 0-d: the rows are 2-D
-        full = {k: (v.reshape(-1) if v.size > 1 else v.reshape(()))
-                for k, v in ((k, constant_value(graph, k).astype(np.float32)) for k in plan.constants)}
+        full = {k: (v.reshape(-1) if v.size > 1 else v.reshape(())) for k, v in plan.constants.items()}
         cut = {k: (v[kept] if v.ndim else v) for k, v in full.items()}
         w_c0 = self._views[c.weight].to_matrix(original(c.weight)).T.astype(np.float32)  # [units, out]
         b_c0 = original(c.bias).astype(np.float32).reshape(-1) if c.bias is not None else None
