@@ -31,11 +31,14 @@ format: ``dense``, ``sparse`` (INT64 COO), ``sparse-int32``, ``auto`` and
    (bytes, dtype, shape) with the dense file; and whether ONNX Runtime folded
    the decoders (``SessionOptions.optimized_model_filepath`` +
    ``folding.unfolded_decoders``).
-3. **Start-up**: session-creation wall time (and process CPU time) of each
-   compact file vs the dense pruned file, A/B/A/B interleaved in this process
-   (1 warm-up pair, then ``--pairs`` pairs; files in page cache), with default
-   threads and with ``intra_op_num_threads=1``; median ratio and the min/max of
-   the per-pair ratios.  At 90% and 50%.
+3. **Start-up**: session-creation wall time (and process CPU time, and the
+   memory session creation takes at its peak) of each compact file vs the dense pruned file, A/B/A/B
+   interleaved, each session created in a new Python process, as a service
+   starting (``--in-process``: all in this process, where one file's freed
+   memory warms the heap for the next) (1 warm-up pair, then ``--pairs`` pairs;
+   files in page cache), with default threads and with
+   ``intra_op_num_threads=1``; median ratio and the min/max of the per-pair
+   ratios.  At 90% and 50%.
 4. **Latency**: ``run`` of compact vs dense sessions on the same input, A/B
    interleaved (chain: batch 1; MiniLM: batch 8 from ``calib.npz``).
 
@@ -55,6 +58,7 @@ import lzma
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +99,7 @@ STARTUP_TARGETS = {0.9: 1.5, 0.5: 2.0}
 ZIP_SAMPLE = 8 << 20
 SEED = 20261124
 LATENCY_PAIRS = 20
+CHILD_TIMEOUT = 600  # seconds for one session creation in a new process
 MINILM_BATCH = 8
 
 
@@ -205,22 +210,75 @@ def summary(a: list[float], b: list[float]) -> dict:
             "pairs": len(ratios)}
 
 
-def startup_ab(dense: Path, compact: Path, n_threads: int | None, pairs: int) -> dict:
-    """Session creation, A/B/A/B: 1 warm-up pair, then ``pairs`` pairs (wall and process CPU)."""
-    wall = {"a": [], "b": []}
-    cpu = {"a": [], "b": []}
+#: one session creation in a fresh interpreter: wall and CPU seconds, and the memory it took at
+#: its peak (VmHWM, reset just before, minus VmRSS before; Linux; ru_maxrss would include the
+#: parent's at fork)
+_CHILD = """
+import json, sys, time
+import onnxruntime as ort
+
+def status(key):
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+so = ort.SessionOptions()
+so.log_severity_level = 3
+if int(sys.argv[2]):
+    so.intra_op_num_threads = int(sys.argv[2])
+try:  # reset VmHWM to the current RSS (Linux >= 4.0), so the import's peak does not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+rss0 = status("VmRSS")
+c0, t0 = time.process_time(), time.perf_counter()
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+t1, c1 = time.perf_counter(), time.process_time()
+peak = status("VmHWM")
+print(json.dumps({"wall": t1 - t0, "cpu": c1 - c0,
+                  "peak_memory": None if peak is None or rss0 is None else peak - rss0}))
+"""
+
+
+def create_session_fresh(path: Path, n_threads: int | None) -> dict:
+    """Create one session in a new Python process (as a service starting), return its timings."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(n_threads or 0)], capture_output=True,
+                         text=True, timeout=CHILD_TIMEOUT)
+    if out.returncode != 0:
+        raise RuntimeError(f"session creation of {path} failed in a new process (exit {out.returncode}): "
+                           f"{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def create_session_here(path: Path, n_threads: int | None) -> dict:
+    gc.collect()
+    c0, t0 = time.process_time(), time.perf_counter()
+    s = session(path, n_threads)
+    t1, c1 = time.perf_counter(), time.process_time()
+    del s
+    return {"wall": t1 - t0, "cpu": c1 - c0}
+
+
+def startup_ab(dense: Path, compact: Path, n_threads: int | None, pairs: int, fresh: bool = True) -> dict:
+    """Session creation, A/B/A/B: 1 warm-up pair, then ``pairs`` pairs (wall and process CPU, and
+    the peak RSS of the process).  ``fresh``: each session in a new process, so neither file's
+    allocations leave the other a warm heap; else all in this process."""
+    create = create_session_fresh if fresh else create_session_here
+    got: dict = {"a": [], "b": []}
     for i in range(pairs + 1):
         for key, path in (("a", dense), ("b", compact)):
-            gc.collect()
-            c0, t0 = time.process_time(), time.perf_counter()
-            s = session(path, n_threads)
-            t1, c1 = time.perf_counter(), time.process_time()
-            del s
+            r = create(path, n_threads)
             if i:
-                wall[key].append(t1 - t0)
-                cpu[key].append(c1 - c0)
-    return {"threads": n_threads or "default", "wall": summary(wall["a"], wall["b"]),
-            "cpu": summary(cpu["a"], cpu["b"])}
+                got[key].append(r)
+    out = {"threads": n_threads or "default", "fresh_process": fresh,
+           "wall": summary([r["wall"] for r in got["a"]], [r["wall"] for r in got["b"]]),
+           "cpu": summary([r["cpu"] for r in got["a"]], [r["cpu"] for r in got["b"]])}
+    if fresh and all(r["peak_memory"] is not None for r in got["a"] + got["b"]):
+        out["peak_memory"] = summary([r["peak_memory"] for r in got["a"]], [r["peak_memory"] for r in got["b"]])
+    return out
 
 
 def latency_ab(dense: Path, compact: Path, feed: dict, pairs: int = LATENCY_PAIRS) -> dict:
@@ -265,7 +323,7 @@ def run_outputs(path: Path, feed: dict, optimized: str | None = None) -> list[np
 
 
 def one_point(src: Path, work: Path, label: str, dtype: str, s: float, feed: dict, formats, problems: list,
-              startup: bool, pairs: int, zips: bool) -> dict:
+              startup: bool, pairs: int, zips: bool, fresh: bool = True) -> dict:
     row = {"model": label, "dtype": dtype, "sparsity": s, "files": {}, "encode_seconds": {}, "codes": {},
            "exactness": {}}
     paths: dict[str, Path] = {}
@@ -375,8 +433,14 @@ def one_point(src: Path, work: Path, label: str, dtype: str, s: float, feed: dic
             key = f"compact-{objective}"
             if key not in paths:
                 continue
-            row["startup"][key] = [startup_ab(dense, paths[key], None, pairs), startup_ab(dense, paths[key], 1, pairs)]
-            row["latency"][key] = latency_ab(dense, paths[key], feed)
+            try:
+                row["startup"][key] = [startup_ab(dense, paths[key], None, pairs, fresh),
+                                       startup_ab(dense, paths[key], 1, pairs, fresh)]
+                row["latency"][key] = latency_ab(dense, paths[key], feed)
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:  # record and go on
+                row["startup"].pop(key, None)
+                problem(key, f"start-up measurement failed: {type(e).__name__}: {e}")
+                continue
             st = row["startup"][key]
             log(f"  start-up {key}: {st[0]['wall']['ratio_median']:.2f}x (default threads, "
                 f"{st[0]['wall']['dense_median'] * 1e3:.0f} -> {st[0]['wall']['compact_median'] * 1e3:.0f} ms), "
@@ -448,7 +512,8 @@ def size_table(rows: list[dict], zips: bool) -> list[str]:
 
 def startup_table(rows: list[dict]) -> list[str]:
     head = ["model", "dtype", "sparsity", "optimize_for", "threads", "dense ms", "compact ms",
-            "wall ratio median [min, max]", "CPU ratio median", "target", "latency ratio [min, max]"]
+            "wall ratio median [min, max]", "CPU ratio median", "peak memory MB dense / compact", "target",
+            "latency ratio [min, max]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for key, runs in (r.get("startup") or {}).items():
@@ -457,12 +522,14 @@ def startup_table(rows: list[dict]) -> list[str]:
             for run in runs:
                 w = run["wall"]
                 met = "-" if limit is None else (f"<= {limit}x: " + ("yes" if w["ratio_median"] <= limit else "**no**"))
+                rss = run.get("peak_memory")
                 lines.append("| " + " | ".join([
                     r["model"], r["dtype"], f"{r['sparsity']:.0%}", key.split("-", 1)[1], str(run["threads"]),
                     f"{w['dense_median'] * 1e3:.0f}", f"{w['compact_median'] * 1e3:.0f}",
                     f"{w['ratio_median']:.2f} [{w['ratio_min']:.2f}, {w['ratio_max']:.2f}]",
-                    f"{run['cpu']['ratio_median']:.2f}", met,
-                    f"{lat['ratio_median']:.3f} [{lat['ratio_min']:.2f}, {lat['ratio_max']:.2f}]"]) + " |")
+                    f"{run['cpu']['ratio_median']:.2f}",
+                    "-" if rss is None else f"{rss['dense_median'] / 1e6:.0f} / {rss['compact_median'] / 1e6:.0f}",
+                    met, f"{lat['ratio_median']:.3f} [{lat['ratio_min']:.2f}, {lat['ratio_max']:.2f}]"]) + " |")
     return lines
 
 
@@ -495,9 +562,15 @@ def readme_section(result: dict) -> str:
         lines += ["all-MiniLM-L6-v2 (from `benchmarks/prepare.py`), global magnitude (zipped sizes not measured):",
                   ""] + size_table(result["minilm"], False) + [""]
     lines += ["#### Start-up and latency", "",
-              f"Session creation of the compact file vs the dense pruned file, A/B/A/B in one process "
-              f"({c['pairs']} pairs after 1 warm-up pair, files in page cache), median of the per-pair ratios "
-              "[min, max]; CPU ratio from `time.process_time`. Latency: `run` on the same input, "
+              "Session creation of the compact file vs the dense pruned file, A/B/A/B, "
+              + ("each session in a new Python process, as a service starting "
+                 if c.get("startup_fresh_process") else "all in one process ")
+              + f"({c['pairs']} pairs after 1 warm-up pair, files in page cache), median of the per-pair ratios "
+              "[min, max]; CPU ratio from `time.process_time`"
+              + ("; peak memory: the most resident memory session creation added to the process (its peak "
+                 "minus its resident size before), median"
+                 if c.get("startup_fresh_process") else "")
+              + ". Latency: `run` on the same input, "
               f"{LATENCY_PAIRS} A/B pairs, default threads (chain: batch 1; MiniLM: batch {MINILM_BATCH}). "
               "Targets: at most 1.5x at 90% and 2.0x at 50%. Met at every row (both thread settings): "
               + "; ".join(f"{o}: 90% {'yes' if su[o]['0.9'] else 'no'}, 50% {'yes' if su[o]['0.5'] else 'no'}"
@@ -520,6 +593,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=None, help="weight side (default 4096; --quick 1024)")
     p.add_argument("--pairs", type=int, default=None, help="A/B start-up pairs after the warm-up pair (default 7)")
     p.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2")
+    p.add_argument("--in-process", action="store_true",
+                   help="create the start-up sessions in this process instead of one new process each")
     p.add_argument("--write-readme", action="store_true",
                    help="rewrite the section between the encoding markers of README.md (if it has them)")
     args = p.parse_args(argv)
@@ -534,6 +609,7 @@ def main(argv=None) -> int:
               "config": {"layers": layers, "dim": dim, "seed": SEED, "sparsities": list(SPARSITIES),
                          "startup_sparsities": list(STARTUP_SPARSITIES), "pairs": pairs, "warmup_pairs": 1,
                          "latency_pairs": LATENCY_PAIRS, "zip_sample_bytes": ZIP_SAMPLE, "scope": "global",
+                         "startup_fresh_process": not args.in_process,
                          "size_target": SIZE_TARGET, "startup_targets": {str(k): v for k, v in STARTUP_TARGETS.items()}},
               "chain": [], "minilm": [], "problems": problems}
     with tempfile.TemporaryDirectory(dir=WORK, prefix="run-") as tmp:
@@ -546,7 +622,8 @@ def main(argv=None) -> int:
                 log(f"chain {layers}x{dim}^2 {dtype} at {s:.0%}")
                 formats = FORMATS if s in STARTUP_SPARSITIES else [f for f in FORMATS if f[0] != "auto"]
                 result["chain"].append(one_point(src, tmp / f"{dtype}-{s}", f"chain {layers}x{dim}^2", dtype, s,
-                                                 feed, formats, problems, s in STARTUP_SPARSITIES, pairs, True))
+                                                 feed, formats, problems, s in STARTUP_SPARSITIES, pairs, True,
+                                                 not args.in_process))
             src.unlink()
         if not args.no_minilm:
             try:
@@ -562,7 +639,8 @@ def main(argv=None) -> int:
                 for s in STARTUP_SPARSITIES:
                     log(f"all-MiniLM-L6-v2 at {s:.0%}")
                     result["minilm"].append(one_point(Path(prep["model"]), tmp / f"minilm-{s}", "all-MiniLM-L6-v2",
-                                                      "float32", s, feed, FORMATS, problems, True, pairs, False))
+                                                      "float32", s, feed, FORMATS, problems, True, pairs, False,
+                                                      not args.in_process))
     result["seconds"] = time.perf_counter() - t0
     result["targets"] = targets(result)
     result["errors"] = len(problems)

@@ -3,6 +3,7 @@ an estimate of its decode cost at session start (pure numpy; no onnx imports).""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,8 @@ def startup_cost(alphabet: Alphabet, fibers: int, k: int, nbytes: int, n: int, i
     bytes stored) / dense bytes: the full-size tensors (zeros, scatter, and for planes a
     reshape), int32 per entry for the cast, lookup (and its reshape) and positions (in
     skip mode also the is-value flags, their sums, offsets and value index), plus the
-    gathered updates."""
+    gathered updates.  A tensor decoded in blocks gets the same estimate: blocks make
+    every code cheaper to decode, and the estimate only ranks the codes."""
     entries = fibers * k
     words = entries // alphabet.planes
     if alphabet.mode is Mode.POSITION:  # Cast of the positions, zeros, scatter (and a Reshape unless 2-D)
@@ -48,8 +50,10 @@ def startup_cost(alphabet: Alphabet, fibers: int, k: int, nbytes: int, n: int, i
     return (written + nbytes) / max(n * itemsize, 1)
 
 
-def candidates(array: np.ndarray) -> list[Estimate]:
-    """Every alphabet that can encode ``array``, with its exact size."""
+def candidates(array: np.ndarray, block_shapes: Sequence[tuple[int, ...]] = ()) -> list[Estimate]:
+    """Every alphabet that can encode ``array`` (and each of ``block_shapes``, when it is coded
+    in blocks), with its size coded whole: exact for a tensor coded whole, an estimate for one
+    coded in blocks."""
     if array.size == 0:
         raise ValueError("an empty tensor has nothing to encode")
     shape = tuple(array.shape)
@@ -58,7 +62,7 @@ def candidates(array: np.ndarray) -> list[Estimate]:
     cache: dict[tuple[Layout, int], _Gaps] = {}
     flat_positions: dict[Layout, np.ndarray] = {}
     for alphabet in alphabets():
-        if not alphabet.fits(shape):
+        if not alphabet.fits(shape) or not all(alphabet.fits(b) for b in block_shapes):
             continue
         fibers = alphabet.fibers(shape)
         key = (alphabet.layout, fibers)
@@ -77,10 +81,11 @@ def candidates(array: np.ndarray) -> list[Estimate]:
 BALANCED_CAP = 1.095
 
 
-def choose(array: np.ndarray, objective: Objective) -> Estimate:
+def choose(array: np.ndarray, objective: Objective, block_shapes: Sequence[tuple[int, ...]] = ()) -> Estimate:
     """The code ``objective`` prefers; ``balanced`` takes the fastest-starting code
-    within :data:`BALANCED_CAP` of the information bound, else the smallest."""
-    found = candidates(array)
+    within :data:`BALANCED_CAP` of the information bound, else the smallest.  With
+    ``block_shapes``, only alphabets that fit every block."""
+    found = candidates(array, block_shapes)
     smallest = min(found, key=lambda e: (e.nbytes, e.startup))
     dense = array.size * array.dtype.itemsize
     found = [e for e in found if e.nbytes < dense] or [smallest]  # a faster start never at more than dense bytes
