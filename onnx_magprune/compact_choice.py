@@ -3,12 +3,11 @@ an estimate of its decode cost at session start (pure numpy; no onnx imports).""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .compact_code import (Alphabet, Layout, Mode, Objective, _Gaps, _gaps, alphabets, bound_bytes,
+from .compact_code import (Alphabet, Blocking, Layout, Mode, Objective, _Gaps, _gaps, alphabets, bound_bytes,
                            encoded_nbytes, fiber_major, nonzero_mask)
 
 
@@ -18,6 +17,7 @@ class Estimate:
     nbytes: int
     entries: int        # total entries (planes x k)
     startup: float      # estimated decode cost, in units of loading the dense tensor
+    plan: Blocking | None = None  # the blocks it is coded in (None: whole)
 
 
 def startup_cost(alphabet: Alphabet, fibers: int, k: int, nbytes: int, n: int, itemsize: int,
@@ -50,19 +50,15 @@ def startup_cost(alphabet: Alphabet, fibers: int, k: int, nbytes: int, n: int, i
     return (written + nbytes) / max(n * itemsize, 1)
 
 
-def candidates(array: np.ndarray, block_shapes: Sequence[tuple[int, ...]] = ()) -> list[Estimate]:
-    """Every alphabet that can encode ``array`` (and each of ``block_shapes``, when it is coded
-    in blocks), with its size coded whole: exact for a tensor coded whole, an estimate for one
-    coded in blocks."""
-    if array.size == 0:
-        raise ValueError("an empty tensor has nothing to encode")
+def _whole(array: np.ndarray) -> list[Estimate]:
+    """Every alphabet that can encode ``array`` whole, with its exact size."""
     shape = tuple(array.shape)
     n, itemsize = array.size, array.dtype.itemsize
     out = []
     cache: dict[tuple[Layout, int], _Gaps] = {}
     flat_positions: dict[Layout, np.ndarray] = {}
     for alphabet in alphabets():
-        if not alphabet.fits(shape) or not all(alphabet.fits(b) for b in block_shapes):
+        if not alphabet.fits(shape):
             continue
         fibers = alphabet.fibers(shape)
         key = (alphabet.layout, fibers)
@@ -77,15 +73,48 @@ def candidates(array: np.ndarray, block_shapes: Sequence[tuple[int, ...]] = ()) 
     return out
 
 
+def candidates(array: np.ndarray, plan: Blocking | None = None) -> list[Estimate]:
+    """Every alphabet that can encode ``array`` whole (``plan`` None) or every block of ``plan``,
+    with its exact size (summed over the blocks) and estimated decode cost (weighted by size)."""
+    if array.size == 0:
+        raise ValueError("an empty tensor has nothing to encode")
+    if plan is None:
+        return _whole(array)
+    blocks = plan.split(array)
+    per_block = [{e.alphabet: e for e in _whole(np.ascontiguousarray(b))} for b in blocks]
+    out = []
+    for alphabet in per_block[0]:
+        if all(alphabet in found for found in per_block):
+            parts = [found[alphabet] for found in per_block]
+            out.append(Estimate(alphabet, sum(e.nbytes for e in parts), sum(e.entries for e in parts),
+                                sum(e.startup * b.size for e, b in zip(parts, blocks)) / array.size, plan))
+    return out
+
+
 #: balanced: the fastest-starting code within this factor of the information bound
 BALANCED_CAP = 1.095
 
 
-def choose(array: np.ndarray, objective: Objective, block_shapes: Sequence[tuple[int, ...]] = ()) -> Estimate:
-    """The code ``objective`` prefers; ``balanced`` takes the fastest-starting code
-    within :data:`BALANCED_CAP` of the information bound, else the smallest.  With
-    ``block_shapes``, only alphabets that fit every block."""
-    found = candidates(array, block_shapes)
+def choose(array: np.ndarray, objective: Objective, plan: Blocking | None = None) -> Estimate:
+    """The code ``objective`` prefers; ``balanced`` takes the fastest-starting code within
+    :data:`BALANCED_CAP` of the information bound, else the smallest.  ``plan``: the blocks the
+    tensor may be coded in (:func:`~onnx_magprune.compact_code.blocking`); ``size`` codes it
+    whole (each block re-pads and restarts its code), and ``balanced`` does when no blocked code
+    is within the cap.  The estimate's ``plan`` says which."""
+    if objective is Objective.SIZE or plan is None:
+        return _pick(array, candidates(array), objective)
+    chosen = _pick(array, candidates(array, plan), objective)
+    if objective is Objective.BALANCED and chosen.nbytes > _cap(array):
+        return _pick(array, candidates(array), objective)
+    return chosen
+
+
+def _cap(array: np.ndarray) -> float:
+    mask = nonzero_mask(array)
+    return BALANCED_CAP * bound_bytes(mask.size, int(mask.sum()), array.dtype.itemsize)
+
+
+def _pick(array: np.ndarray, found: list[Estimate], objective: Objective) -> Estimate:
     smallest = min(found, key=lambda e: (e.nbytes, e.startup))
     dense = array.size * array.dtype.itemsize
     found = [e for e in found if e.nbytes < dense] or [smallest]  # a faster start never at more than dense bytes
@@ -93,7 +122,6 @@ def choose(array: np.ndarray, objective: Objective, block_shapes: Sequence[tuple
         return smallest
     if objective is Objective.STARTUP:
         return min(found, key=lambda e: (e.startup, e.nbytes))
-    mask = nonzero_mask(array)
-    cap = BALANCED_CAP * bound_bytes(mask.size, int(mask.sum()), array.dtype.itemsize)
+    cap = _cap(array)
     near = [e for e in found if e.nbytes <= cap]
     return min(near, key=lambda e: (e.startup, e.nbytes)) if near else smallest

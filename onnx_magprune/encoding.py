@@ -175,15 +175,9 @@ def _compact_candidate(model: onnx.ModelProto, tensor: TensorProto, array: np.nd
     if note is not None:
         return None, note
     shaped = array.reshape(tuple(tensor.dims))
-    # size: coded whole, as each block would add its own padding and decoder nodes (~0.5% at 50%)
-    plan = (None if objective is Objective.SIZE
-            else compact_code.blocking(shaped.shape, compact_code.decoded_itemsize(shaped.dtype)))
-    shapes = plan.block_shapes(shaped.shape) if plan is not None else ()
-    chosen = compact_choice.choose(shaped, objective, shapes)
-    code = compact_code.encode_blocked(shaped, chosen.alphabet, plan)
-    if plan is not None and code.nbytes > chosen.nbytes and code.nbytes >= shaped.nbytes:
-        # the choice was made on the whole tensor's size; blocks re-pad and restart their codes
-        code = compact_code.encode(shaped, chosen.alphabet)
+    plan = compact_code.blocking(shaped.shape, compact_code.decoded_itemsize(shaped.dtype))
+    chosen = compact_choice.choose(shaped, objective, plan)
+    code = compact_code.encode_blocked(shaped, chosen.alphabet, chosen.plan)
     if compact_graph.largest_intermediate(code) > compact_graph.FOLD_LIMIT_BYTES:
         return None, ("compact: a decoder intermediate would exceed ONNX Runtime's 1 GiB constant-folding "
                       "limit, so the decoder would run on every inference")
