@@ -86,10 +86,12 @@ def _array(t: TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
-def decoder_model(a: np.ndarray, alphabet: cc.Alphabet, opset: int = 17) -> onnx.ModelProto:
-    """A model whose output is the decoded weight (as float32 for bfloat16, via an exact Cast)."""
+def decoder_model(a: np.ndarray, alphabet: cc.Alphabet, opset: int = 17,
+                  plan: cc.Blocking | None = None) -> onnx.ModelProto:
+    """A model whose output is the decoded weight (as float32 for bfloat16, via an exact Cast);
+    with ``plan``, coded in those blocks."""
     elem = ELEM[a.dtype]
-    dec = decoder(cc.encode(a, alphabet), "W", elem, set())
+    dec = decoder(cc.encode_blocked(a, alphabet, plan), "W", elem, set())
     nodes, out, out_type = list(dec.nodes), "W", elem
     if elem == TensorProto.BFLOAT16:
         nodes.append(helper.make_node("Cast", ["W"], ["W32"], to=TensorProto.FLOAT))

@@ -17,7 +17,7 @@ from onnx_magprune import compact_code as cc
 from onnx_magprune.compact_graph import decoder, evaluate, largest_intermediate, weight_of
 from onnx_magprune.encoding import decode_model
 from onnx_magprune.folding import decoder_weights, unfolded_decoders
-from test_compact import BF16, ELEM, _array, bits, special_arrays
+from test_compact import BF16, ELEM, _array, bits, decoder_model, special_arrays
 
 
 @pytest.mark.parametrize("shape, itemsize, block_bytes, want", [
@@ -113,15 +113,7 @@ def test_onnx_runtime_folds_blocked_decoders_to_the_exact_tensor(dtype, tmp_path
         for alphabet in cc.alphabets():
             if not all(alphabet.fits(s) for s in [a.shape] + shapes):
                 continue
-            elem = ELEM[a.dtype]
-            dec = decoder(cc.encode_blocked(a, alphabet, plan), "W", elem, set())
-            nodes, out, out_type = list(dec.nodes), "W", elem
-            if elem == TensorProto.BFLOAT16:
-                nodes.append(helper.make_node("Cast", ["W"], ["W32"], to=TensorProto.FLOAT))
-                out, out_type = "W32", TensorProto.FLOAT
-            g = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(out, out_type, list(a.shape))],
-                                  dec.initializers)
-            model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+            model = decoder_model(a, alphabet, plan=plan)
             onnx.checker.check_model(model, full_check=True)
             so = ort.SessionOptions()
             so.optimized_model_filepath = str(tmp_path / "opt.onnx")
