@@ -46,9 +46,10 @@ A tensor larger than :data:`BLOCK_BYTES` (decoded) is coded in *blocks*: slices
 along one axis (:func:`blocking`), each coded on its own with the same
 alphabet and rebuilt by its own small decoder, the blocks joined by one
 Concat (:class:`BlockedTensor`).  Page faults dominate ONNX Runtime's session
-creation, and (by our fault counts) its constant folding gives every folded
-node fresh buffers and keeps folded outputs until it ends: at full size each
-intermediate is new memory, while a block's are small and mostly recycled.
+creation, and (by our fault counts) its constant folding keeps every folded
+output until it ends, and a folded node's full-size inputs cost fresh memory
+again: a decoder for the whole tensor pays for its full-size zeros twice, a
+blocked one only for its outputs.
 
 The information bound for a tensor of n elements, z of them zero, is the
 value bytes plus n·H(z/n)/8 bytes of positions (H the binary entropy).
