@@ -264,7 +264,7 @@ def create_session_here(path: Path, n_threads: int | None) -> dict:
 
 def startup_ab(dense: Path, compact: Path, n_threads: int | None, pairs: int, fresh: bool = True) -> dict:
     """Session creation, A/B/A/B: 1 warm-up pair, then ``pairs`` pairs (wall and process CPU, and
-    the peak RSS of the process).  ``fresh``: each session in a new process, so neither file's
+    in a new process the peak memory session creation adds).  ``fresh``: each session in a new process, so neither file's
     allocations leave the other a warm heap; else all in this process."""
     create = create_session_fresh if fresh else create_session_here
     got: dict = {"a": [], "b": []}

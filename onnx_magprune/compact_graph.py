@@ -90,10 +90,10 @@ class _Builder:
         array = np.array(array, order="C")
         key = None
         if share and array.nbytes <= _SHARED_CONST_BYTES:
-            key = (name.rsplit("/", 1)[-1], array.dtype.str, array.shape, array.tobytes())
+            key = (name, array.dtype.str, array.shape, array.tobytes())
             if key in self._consts:
                 return self._consts[key]
-        full = self._fresh(name if key is None else key[0])
+        full = self._fresh(name)
         if array.dtype.name == "bfloat16":
             self.inits.append(helper.make_tensor(full, TensorProto.BFLOAT16, list(array.shape),
                                                  array.view(np.uint16).tobytes(), raw=True))
@@ -208,11 +208,7 @@ def _block_decoder(code: CompactTensor, elem_type: int, b: _Builder, at: str) ->
             index = node(f"{at}value_index", "Mul", [offset, is_value])
             updates = node(f"{at}updates", "Gather", [values, index])
         target_shape = list(code.shape) if columns else [a.planes, code.numel // a.planes]
-        zeros = node(f"{at}zeros", "ConstantOfShape",
-                     [const("target_shape", np.array(target_shape, dtype=np.int64))], value=zero)
-        out = node(f"{at}scatter", "ScatterElements", [zeros, positions, updates], axis=axis)
-        if list(code.shape) != target_shape:
-            out = node(f"{at}reshape", "Reshape", [out, const("shape", np.array(code.shape, dtype=np.int64))])
+        out = _scatter(code, b, at, zero, target_shape, positions, updates, axis)
     if bf16:
         out = node(f"{at}to_bfloat16", "Cast", [out], to=TensorProto.BFLOAT16)
     return out
@@ -228,12 +224,18 @@ def _position_decoder(code: CompactTensor, b: _Builder, at: str, zero: onnx.Tens
     updates = const(f"{at}values", code.values.reshape(fibers, k), False)
     if bf16:  # scattered in float32
         updates = node(f"{at}values_f32", "Cast", [updates], to=TensorProto.FLOAT)
-    target_shape = [fibers, code.numel // fibers]
-    zeros = node(f"{at}zeros", "ConstantOfShape", [const("target_shape", np.array(target_shape, dtype=np.int64))],
-                 value=zero)
-    out = node(f"{at}scatter", "ScatterElements", [zeros, positions, updates], axis=1)
+    return _scatter(code, b, at, zero, [fibers, code.numel // fibers], positions, updates, 1)
+
+
+def _scatter(code: CompactTensor, b: _Builder, at: str, zero: onnx.TensorProto, target_shape: list[int],
+             positions: str, updates: str, axis: int) -> str:
+    """Scatter the entries into zeros of ``target_shape`` along ``axis``, then Reshape to the
+    block's shape when the two differ; returns the output's name."""
+    zeros = b.node(f"{at}zeros", "ConstantOfShape",
+                   [b.const("target_shape", np.array(target_shape, dtype=np.int64))], value=zero)
+    out = b.node(f"{at}scatter", "ScatterElements", [zeros, positions, updates], axis=axis)
     if list(code.shape) != target_shape:
-        out = node(f"{at}reshape", "Reshape", [out, const("shape", np.array(code.shape, dtype=np.int64))])
+        out = b.node(f"{at}reshape", "Reshape", [out, b.const("shape", np.array(code.shape, dtype=np.int64))])
     return out
 
 

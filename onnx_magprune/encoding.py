@@ -185,7 +185,8 @@ def _compact_candidate(model: onnx.ModelProto, tensor: TensorProto, array: np.nd
     return (code, decoder, _serialized(decoder, code)), None
 
 
-def _serialized(decoder: compact_graph.Decoder, code) -> int:
+def _serialized(decoder: compact_graph.Decoder,
+                code: compact_code.CompactTensor | compact_code.BlockedTensor) -> int:
     """Bytes the decoder adds besides the codes and values (its nodes and small constants)."""
     small = sum(t.ByteSize() for t in decoder.initializers) - code.nbytes
     return small + sum(n.ByteSize() for n in decoder.nodes)
