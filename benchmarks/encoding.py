@@ -210,12 +210,19 @@ def summary(a: list[float], b: list[float]) -> dict:
             "pairs": len(ratios)}
 
 
-#: one session creation in a fresh interpreter: wall and CPU seconds, and the memory it took at
-#: its peak (VmHWM, reset just before, minus VmRSS before; Linux; ru_maxrss would include the
-#: parent's at fork)
+#: one session creation in a fresh interpreter: wall and CPU seconds, the minor page faults it took
+#: (``ru_minflt``; not on Windows) and the memory it took at its peak (VmHWM, reset just before, minus
+#: VmRSS before; Linux; ru_maxrss would include the parent's at fork)
 _CHILD = """
 import json, sys, time
 import onnxruntime as ort
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
+def faults():
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 def status(key):
     try:
@@ -234,11 +241,13 @@ try:  # reset VmHWM to the current RSS (Linux >= 4.0), so the import's peak does
 except OSError:
     pass
 rss0 = status("VmRSS")
+f0 = faults()
 c0, t0 = time.process_time(), time.perf_counter()
 s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 t1, c1 = time.perf_counter(), time.process_time()
+f1 = faults()
 peak = status("VmHWM")
-print(json.dumps({"wall": t1 - t0, "cpu": c1 - c0,
+print(json.dumps({"wall": t1 - t0, "cpu": c1 - c0, "page_faults": None if f0 is None else f1 - f0,
                   "peak_memory": None if peak is None or rss0 is None else peak - rss0}))
 """
 
@@ -278,6 +287,8 @@ def startup_ab(dense: Path, compact: Path, n_threads: int | None, pairs: int, fr
            "cpu": summary([r["cpu"] for r in got["a"]], [r["cpu"] for r in got["b"]])}
     if fresh and all(r["peak_memory"] is not None for r in got["a"] + got["b"]):
         out["peak_memory"] = summary([r["peak_memory"] for r in got["a"]], [r["peak_memory"] for r in got["b"]])
+    if fresh and all(r["page_faults"] is not None for r in got["a"] + got["b"]):
+        out["page_faults"] = summary([r["page_faults"] for r in got["a"]], [r["page_faults"] for r in got["b"]])
     return out
 
 
@@ -512,7 +523,8 @@ def size_table(rows: list[dict], zips: bool) -> list[str]:
 
 def startup_table(rows: list[dict]) -> list[str]:
     head = ["model", "dtype", "sparsity", "optimize_for", "threads", "dense ms", "compact ms",
-            "wall ratio median [min, max]", "CPU ratio median", "peak memory MB dense / compact", "target",
+            "wall ratio median [min, max]", "CPU ratio median", "peak memory MB dense / compact",
+            "page faults k dense / compact", "target",
             "latency ratio [min, max]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -523,12 +535,14 @@ def startup_table(rows: list[dict]) -> list[str]:
                 w = run["wall"]
                 met = "-" if limit is None else (f"<= {limit}x: " + ("yes" if w["ratio_median"] <= limit else "**no**"))
                 rss = run.get("peak_memory")
+                flt = run.get("page_faults")
                 lines.append("| " + " | ".join([
                     r["model"], r["dtype"], f"{r['sparsity']:.0%}", key.split("-", 1)[1], str(run["threads"]),
                     f"{w['dense_median'] * 1e3:.0f}", f"{w['compact_median'] * 1e3:.0f}",
                     f"{w['ratio_median']:.2f} [{w['ratio_min']:.2f}, {w['ratio_max']:.2f}]",
                     f"{run['cpu']['ratio_median']:.2f}",
                     "-" if rss is None else f"{rss['dense_median'] / 1e6:.0f} / {rss['compact_median'] / 1e6:.0f}",
+                    "-" if flt is None else f"{flt['dense_median'] / 1e3:.0f} / {flt['compact_median'] / 1e3:.0f}",
                     met, f"{lat['ratio_median']:.3f} [{lat['ratio_min']:.2f}, {lat['ratio_max']:.2f}]"]) + " |")
     return lines
 
@@ -568,7 +582,8 @@ def readme_section(result: dict) -> str:
               + f"({c['pairs']} pairs after 1 warm-up pair, files in page cache), median of the per-pair ratios "
               "[min, max]; CPU ratio from `time.process_time`"
               + ("; peak memory: the most resident memory session creation added to the process (its peak "
-                 "minus its resident size before), median"
+                 "minus its resident size before), median; page faults: minor page faults during session "
+                 "creation (`ru_minflt`), median"
                  if c.get("startup_fresh_process") else "")
               + ". Latency: `run` on the same input, "
               f"{LATENCY_PAIRS} A/B pairs, default threads (chain: batch 1; MiniLM: batch {MINILM_BATCH}). "
@@ -591,7 +606,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="2 weights of 1024x1024, 3 start-up pairs")
     p.add_argument("--layers", type=int, default=None, help="weights in the chain (default 4; --quick 2)")
     p.add_argument("--dim", type=int, default=None, help="weight side (default 4096; --quick 1024)")
-    p.add_argument("--pairs", type=int, default=None, help="A/B start-up pairs after the warm-up pair (default 7)")
+    p.add_argument("--pairs", type=int, default=None, help="A/B start-up pairs after the warm-up pair (default 11)")
     p.add_argument("--no-minilm", action="store_true", help="skip all-MiniLM-L6-v2")
     p.add_argument("--in-process", action="store_true",
                    help="create the start-up sessions in this process instead of one new process each")
@@ -600,7 +615,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     layers = args.layers or (2 if args.quick else 4)
     dim = args.dim or (1024 if args.quick else 4096)
-    pairs = args.pairs or (3 if args.quick else 7)
+    pairs = args.pairs or (3 if args.quick else 11)
     t0 = time.perf_counter()
     RESULTS.mkdir(exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
