@@ -38,9 +38,12 @@ format: ``dense``, ``sparse`` (INT64 COO), ``sparse-int32``, ``auto`` and
    memory warms the heap for the next) (1 warm-up pair, then ``--pairs`` pairs;
    files in page cache), with default threads and with
    ``intra_op_num_threads=1``; median ratio and the min/max of the per-pair
-   ratios.  At 90% and 50%.
+   ratios, and the minor page faults.  At 90% and 50%.
 4. **Latency**: ``run`` of compact vs dense sessions on the same input, A/B
    interleaved (chain: batch 1; MiniLM: batch 8 from ``calib.npz``).
+5. **Noise floor**: at each start-up point, the dense file against a
+   byte-identical copy of itself (A/A), start-up (default threads) and
+   latency measured the same way.
 
 Prints the JSON on stdout, writes ``benchmarks/results/encoding.json`` and,
 with ``--write-readme``, rewrites the section of the top-level README.md
@@ -151,6 +154,10 @@ def dir_bytes(d: Path) -> int:
 
 
 def warm(d: Path) -> None:
+    """Write back the files just written (so that does not happen during a timing) and read them into
+    the page cache."""
+    if hasattr(os, "sync"):
+        os.sync()
     for p in d.iterdir():
         if p.is_file():
             with open(p, "rb") as f:
@@ -210,9 +217,9 @@ def summary(a: list[float], b: list[float]) -> dict:
             "pairs": len(ratios)}
 
 
-#: one session creation in a fresh interpreter: wall and CPU seconds, the minor page faults it took
-#: (``ru_minflt``; not on Windows) and the memory it took at its peak (VmHWM, reset just before, minus
-#: VmRSS before; Linux; ru_maxrss would include the parent's at fork)
+#: one session creation in a fresh interpreter: wall and CPU seconds, user and system seconds and the
+#: minor page faults it took (``getrusage``; not on Windows), and the memory it took at its peak
+#: (VmHWM, reset just before, minus VmRSS before; Linux; ru_maxrss would include the parent's at fork)
 _CHILD = """
 import json, sys, time
 import onnxruntime as ort
@@ -221,8 +228,8 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
-def faults():
-    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def usage():
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF)
 
 def status(key):
     try:
@@ -241,13 +248,16 @@ try:  # reset VmHWM to the current RSS (Linux >= 4.0), so the import's peak does
 except OSError:
     pass
 rss0 = status("VmRSS")
-f0 = faults()
+u0 = usage()
 c0, t0 = time.process_time(), time.perf_counter()
 s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 t1, c1 = time.perf_counter(), time.process_time()
-f1 = faults()
+u1 = usage()
 peak = status("VmHWM")
-print(json.dumps({"wall": t1 - t0, "cpu": c1 - c0, "page_faults": None if f0 is None else f1 - f0,
+print(json.dumps({"wall": t1 - t0, "cpu": c1 - c0,
+                  "user": None if u0 is None else u1.ru_utime - u0.ru_utime,
+                  "system": None if u0 is None else u1.ru_stime - u0.ru_stime,
+                  "page_faults": None if u0 is None else u1.ru_minflt - u0.ru_minflt,
                   "peak_memory": None if peak is None or rss0 is None else peak - rss0}))
 """
 
@@ -272,9 +282,10 @@ def create_session_here(path: Path, n_threads: int | None) -> dict:
 
 
 def startup_ab(dense: Path, compact: Path, n_threads: int | None, pairs: int, fresh: bool = True) -> dict:
-    """Session creation, A/B/A/B: 1 warm-up pair, then ``pairs`` pairs (wall and process CPU, and
-    in a new process the peak memory session creation adds).  ``fresh``: each session in a new process, so neither file's
-    allocations leave the other a warm heap; else all in this process."""
+    """Session creation, A/B/A/B: 1 warm-up pair, then ``pairs`` pairs (wall and process CPU, and in a
+    new process user and system time, minor page faults and the peak memory session creation adds).
+    ``fresh``: each session in a new process, so neither file's allocations leave the other a warm
+    heap; else all in this process."""
     create = create_session_fresh if fresh else create_session_here
     got: dict = {"a": [], "b": []}
     for i in range(pairs + 1):
@@ -285,10 +296,9 @@ def startup_ab(dense: Path, compact: Path, n_threads: int | None, pairs: int, fr
     out = {"threads": n_threads or "default", "fresh_process": fresh,
            "wall": summary([r["wall"] for r in got["a"]], [r["wall"] for r in got["b"]]),
            "cpu": summary([r["cpu"] for r in got["a"]], [r["cpu"] for r in got["b"]])}
-    if fresh and all(r["peak_memory"] is not None for r in got["a"] + got["b"]):
-        out["peak_memory"] = summary([r["peak_memory"] for r in got["a"]], [r["peak_memory"] for r in got["b"]])
-    if fresh and all(r["page_faults"] is not None for r in got["a"] + got["b"]):
-        out["page_faults"] = summary([r["page_faults"] for r in got["a"]], [r["page_faults"] for r in got["b"]])
+    for k in ("user", "system", "page_faults", "peak_memory"):
+        if fresh and all(r.get(k) is not None for r in got["a"] + got["b"]):
+            out[k] = summary([r[k] for r in got["a"]], [r[k] for r in got["b"]])
     return out
 
 
@@ -440,6 +450,18 @@ def one_point(src: Path, work: Path, label: str, dtype: str, s: float, feed: dic
         row["startup"], row["latency"] = {}, {}
         for d in paths.values():
             warm(d.parent)
+        control = work / "dense-copy"  # A/A: the noise floor of the ratios, measured the same way
+        try:
+            shutil.copytree(dense.parent, control, dirs_exist_ok=True)
+            warm(control)
+            row["control"] = {"startup": startup_ab(dense, control / dense.name, None, pairs, fresh),
+                              "latency": latency_ab(dense, control / dense.name, feed)}
+            log(f"  A/A dense vs its copy: start-up {row['control']['startup']['wall']['ratio_median']:.2f}x, "
+                f"latency {row['control']['latency']['ratio_median']:.3f}x")
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, OSError) as e:  # record and go on
+            problem("dense-copy", f"A/A measurement failed: {type(e).__name__}: {e}")
+        finally:
+            shutil.rmtree(control, ignore_errors=True)
         for objective in OBJECTIVES:
             key = f"compact-{objective}"
             if key not in paths:
@@ -521,29 +543,38 @@ def size_table(rows: list[dict], zips: bool) -> list[str]:
     return lines
 
 
+def _timing_cells(run: dict, lat: dict) -> list[str]:
+    """The measured cells of one start-up row: times, ratios, CPU, memory, faults and latency."""
+    w, rss, flt = run["wall"], run.get("peak_memory"), run.get("page_faults")
+    return [f"{w['dense_median'] * 1e3:.0f}", f"{w['compact_median'] * 1e3:.0f}",
+            f"{w['ratio_median']:.2f} [{w['ratio_min']:.2f}, {w['ratio_max']:.2f}]",
+            f"{run['cpu']['ratio_median']:.2f}" + ("" if "system" not in run else
+                                                    f" ({run['user']['ratio_median']:.2f} / "
+                                                    f"{run['system']['ratio_median']:.2f})"),
+            "-" if rss is None else f"{rss['dense_median'] / 1e6:.0f} / {rss['compact_median'] / 1e6:.0f}",
+            "-" if flt is None else f"{flt['dense_median'] / 1e3:.0f} / {flt['compact_median'] / 1e3:.0f}"], \
+        f"{lat['ratio_median']:.3f} [{lat['ratio_min']:.2f}, {lat['ratio_max']:.2f}]"
+
+
 def startup_table(rows: list[dict]) -> list[str]:
     head = ["model", "dtype", "sparsity", "optimize_for", "threads", "dense ms", "compact ms",
-            "wall ratio median [min, max]", "CPU ratio median", "peak memory MB dense / compact",
-            "page faults k dense / compact", "target",
-            "latency ratio [min, max]"]
+            "wall ratio median [min, max]", "CPU ratio median (user / system)", "peak memory MB dense / compact",
+            "page faults k dense / compact", "target", "latency ratio [min, max]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        point = [r["model"], r["dtype"], f"{r['sparsity']:.0%}"]
+        control = r.get("control")
+        if control:
+            cells, lat = _timing_cells(control["startup"], control["latency"])
+            lines.append("| " + " | ".join(point + ["A/A: dense vs its copy", "default"] + cells + ["-", lat]) + " |")
         for key, runs in (r.get("startup") or {}).items():
-            lat = r["latency"][key]
             limit = STARTUP_TARGETS.get(r["sparsity"])
             for run in runs:
-                w = run["wall"]
-                met = "-" if limit is None else (f"<= {limit}x: " + ("yes" if w["ratio_median"] <= limit else "**no**"))
-                rss = run.get("peak_memory")
-                flt = run.get("page_faults")
-                lines.append("| " + " | ".join([
-                    r["model"], r["dtype"], f"{r['sparsity']:.0%}", key.split("-", 1)[1], str(run["threads"]),
-                    f"{w['dense_median'] * 1e3:.0f}", f"{w['compact_median'] * 1e3:.0f}",
-                    f"{w['ratio_median']:.2f} [{w['ratio_min']:.2f}, {w['ratio_max']:.2f}]",
-                    f"{run['cpu']['ratio_median']:.2f}",
-                    "-" if rss is None else f"{rss['dense_median'] / 1e6:.0f} / {rss['compact_median'] / 1e6:.0f}",
-                    "-" if flt is None else f"{flt['dense_median'] / 1e3:.0f} / {flt['compact_median'] / 1e3:.0f}",
-                    met, f"{lat['ratio_median']:.3f} [{lat['ratio_min']:.2f}, {lat['ratio_max']:.2f}]"]) + " |")
+                ratio = run["wall"]["ratio_median"]
+                met = "-" if limit is None else (f"<= {limit}x: " + ("yes" if ratio <= limit else "**no**"))
+                cells, lat = _timing_cells(run, r["latency"][key])
+                lines.append("| " + " | ".join(point + [key.split("-", 1)[1], str(run["threads"])] + cells
+                                               + [met, lat]) + " |")
     return lines
 
 
@@ -583,11 +614,15 @@ def readme_section(result: dict) -> str:
               "[min, max]; CPU ratio from `time.process_time`"
               + ("; peak memory: the most resident memory session creation added to the process (its peak "
                  "minus its resident size before), median; page faults: minor page faults during session "
-                 "creation (`ru_minflt`), median"
+                 "creation (`ru_minflt`), median; user / system: the ratios of user and of system CPU time "
+                 "(`getrusage`), medians"
                  if c.get("startup_fresh_process") else "")
               + ". Latency: `run` on the same input, "
               f"{LATENCY_PAIRS} A/B pairs, default threads (chain: batch 1; MiniLM: batch {MINILM_BATCH}). "
-              "Targets: at most 1.5x at 90% and 2.0x at 50%. Met at every row (both thread settings): "
+              + ("The A/A rows time the dense file against a byte-identical copy of itself the same way, in "
+                 "the same run: how far from 1.00 noise (and running second) moves a ratio. "
+                 if any(r.get("control") for r in result["chain"] + result.get("minilm", [])) else "")
+              + "Targets: at most 1.5x at 90% and 2.0x at 50%. Met at every compact row (both thread settings): "
               + "; ".join(f"{o}: 90% {'yes' if su[o]['0.9'] else 'no'}, 50% {'yes' if su[o]['0.5'] else 'no'}"
                           for o in OBJECTIVES) + ".", ""]
     lines += startup_table(result["chain"] + result.get("minilm", [])) + [""]
