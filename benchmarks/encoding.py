@@ -543,8 +543,8 @@ def size_table(rows: list[dict], zips: bool) -> list[str]:
     return lines
 
 
-def _timing_cells(run: dict, lat: dict) -> list[str]:
-    """The measured cells of one start-up row: times, ratios, CPU, memory, faults and latency."""
+def _timing_cells(run: dict, lat: dict) -> tuple[list[str], str]:
+    """The measured cells of one start-up row (times, ratios, CPU, memory, faults) and its latency cell."""
     w, rss, flt = run["wall"], run.get("peak_memory"), run.get("page_faults")
     return [f"{w['dense_median'] * 1e3:.0f}", f"{w['compact_median'] * 1e3:.0f}",
             f"{w['ratio_median']:.2f} [{w['ratio_min']:.2f}, {w['ratio_max']:.2f}]",
