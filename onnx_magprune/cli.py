@@ -137,7 +137,8 @@ _method_options = _compose(
     click.option("--pattern", default=None, metavar="N:M",
                  help="Keep N of every M consecutive weights along each layer's reduction axis (e.g. 2:4)."),
     click.option("--refit/--no-refit", default=None,
-                 help="Re-fit the kept weights by OBS reconstruction on the calibration data [default: obs only]."),
+                 help="Re-fit the kept weights by OBS reconstruction on the calibration data [default: obs; with "
+                      "--structured, wanda and obs]."),
     click.option("--sequential/--one-shot", default=True, show_default=True,
                  help="Collect each layer's statistics after the layers before it were pruned, or all at once."),
     click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,

@@ -7,7 +7,8 @@ Criteria (from :class:`~onnx_magprune.methods.MethodOptions`):
 * ``wanda``: activation norm x outgoing weight norm on the calibration data,
   then the least-squares re-fit (on unless ``refit=False``);
 * ``obs``: structured OBS on the consumer's input dimension (greedy removal
-  with the optimal update of the kept rows and the bias).
+  with the optimal update of the kept rows and the bias; ``refit=False``
+  keeps the OBS selection and leaves the kept rows as they were).
 
 Counts: ``round(S x units)`` per group (local), or one budget over the
 pooled groups (global): by per-weight norms without data, or by measured
@@ -171,8 +172,7 @@ class StructuredRun:
         if method.steps != 1:
             raise ConfigError("structured removal runs in one step: drop --steps")
         self.criterion = {Method.MAGNITUDE: "norm", Method.WANDA: "activation", Method.OBS: "obs"}[method.method]
-        self.refit = (method.refit if method.refit is not None else method.method is not Method.MAGNITUDE) \
-            or self.criterion == "obs"
+        self.refit = method.refit if method.refit is not None else method.method is not Method.MAGNITUDE
         self.calibrated = self.criterion != "norm" or self.refit
         if self.calibrated and statistics is None:
             raise ConfigError("calibration-aware structured removal needs calibration data: pass --calibration")
@@ -496,7 +496,7 @@ class StructuredRun:
             # select with a tenth of the dampening (a sharper H⁻¹ ranks units better), fit with all of it
             # (the ridge generalises better): MiniLM 50% held-out token cosine 0.9330 vs 0.9314 (local)
             removed, _ = obs_remove(h, w, cols, count, damp * SELECTION_DAMP)
-            new = lsq_refit(h, w, cols, removed, damp)
+            new = lsq_refit(h, w, cols, removed, damp) if self.refit else _zero_rows(w, cols, removed)
         else:
             if self.criterion == "activation":
                 scores = activation_scores(st.col_sq, w, cols)

@@ -116,6 +116,34 @@ def test_calibrated_removal_beats_weight_norm_and_matches_its_masked_model(metho
     assert _err(model, proto, held) < 0.7 * _err(model, norm, held)
 
 
+def test_obs_without_refit_keeps_its_selection_and_leaves_the_kept_rows_alone():
+    """``--method obs --no-refit``: the units OBS selects are removed, every kept weight is the original."""
+    from onnx_magprune.calibration import open_calibration
+
+    model = ffn("erf", hidden=32, width=8)
+    runs = {}
+    for refit in (True, False):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        opts = MethodOptions(method="obs", refit=refit, calibration=_ffn_data(), holdout=0.0)
+        run = StructuredRun(proto, PruneConfig(sparsity=0.5, scope="local", min_numel=0), S, opts,
+                            open_calibration(_ffn_data(), model))
+        runs[refit] = (run, proto)
+    (g,) = runs[False][0].structured_dict()["groups"]
+    assert g["criterion"] == "obs" and g["refit"] is False and g["bias_refit"] is False
+    assert g["error_after"] == g["error_masked"]
+    removed = runs[False][0].groups[0].removed
+    np.testing.assert_array_equal(removed, runs[True][0].groups[0].removed)  # same selection either way
+    kept = np.setdiff1d(np.arange(32), removed)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in runs[False][1].graph.initializer}
+    orig = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(init["W2"], orig["W2"][kept])  # consumer rows: not re-fitted
+    np.testing.assert_array_equal(init["b2"], orig["b2"])  # consumer bias: not re-fitted
+    np.testing.assert_array_equal(init["W1"], orig["W1"][:, kept])
+    refitted = {t.name: onnx.numpy_helper.to_array(t) for t in runs[True][1].graph.initializer}
+    assert not np.array_equal(refitted["W2"], orig["W2"][kept])  # the default re-fits them
+
+
 def test_sequential_cnn_uses_one_session_and_reports_statistics(tmp_path):
     data = dict(np.load(MODELS / "digits_cnn_calib.npz"))
     data.pop("labels")
