@@ -87,6 +87,16 @@ def _files(loaded: LoadedModel, staged) -> dict:
             "input_files": len(inputs), "output_bytes": sum(size(p) for p in outputs), "output_files": len(outputs)}
 
 
+def _left_behind(loaded: LoadedModel, staged) -> list[str]:
+    """Notes for the input's external data files an in-place output no longer uses (they are left
+    where they are: other models may share them)."""
+    if loaded.path is None or staged.output.resolve() != loaded.path.resolve():
+        return []
+    written = {(staged.output.parent / rel).resolve() for rel in staged.files}
+    return [f"the input's external data file '{p.name}' is no longer used by the overwritten model; "
+            "it was left in place" for p in sorted(loaded.data_files) if p not in written]
+
+
 def _external(loaded: LoadedModel) -> bool:
     """Whether the input keeps (or kept, before it was read in) weights in external data files."""
     return bool(loaded.data_files) or _has_external_data(loaded)
@@ -436,6 +446,7 @@ def prune_file(
         raise
     staged.commit()
     report.files = _files(loaded, staged)
+    report.notes += _left_behind(loaded, staged)
     return report
 
 
@@ -459,6 +470,7 @@ def encode_file(source: str | os.PathLike, output: str | os.PathLike, fmt: Forma
         stage_model(loaded, output, overwrite=overwrite)
     staged.commit()
     report.files = _files(loaded, staged)
+    report.notes += _left_behind(loaded, staged)
     return report
 
 

@@ -264,6 +264,20 @@ def test_in_place_needs_overwrite(tmp_path, mlp_model):
     assert zeros(tensor_by_name(onnx.load(src), "W0")) > 0
 
 
+def test_in_place_repack_notes_the_data_file_it_no_longer_uses(tmp_path):
+    model, src = _external_model(tmp_path)
+    x = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
+    rep = mp.prune_file(src, src, sparsity=0.5, overwrite=True)  # dense: weights.bin rewritten where it was
+    assert not [n for n in rep.notes if "no longer used" in n]
+    expected = run_ort(onnx.load(src), x)[0]
+    rep = mp.encode_file(src, src, "compact", overwrite=True)  # re-encoded into a fresh ext.onnx.data
+    assert [n for n in rep.notes if "no longer used" in n] == [
+        "the input's external data file 'weights.bin' is no longer used by the overwritten model; it was left "
+        "in place"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data", "weights.bin"]
+    np.testing.assert_array_equal(run_ort(onnx.load(src), x)[0], expected)
+
+
 def test_failed_run_leaves_no_output(tmp_path, mlp_model):
     w = numpy_helper.to_array(mlp_model.graph.initializer[0]).copy()
     w[1, 1] = np.inf
