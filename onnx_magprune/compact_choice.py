@@ -101,11 +101,12 @@ def choose(array: np.ndarray, objective: Objective, plan: Blocking | None = None
     tensor may be coded in (:func:`~onnx_magprune.compact_code.blocking`); ``size`` codes it
     whole (each block re-pads and restarts its code), and ``balanced`` does when no blocked code
     is within the cap.  The estimate's ``plan`` says which."""
+    cap = _cap(array) if objective is Objective.BALANCED else None
     if objective is Objective.SIZE or plan is None:
-        return _pick(array, candidates(array), objective)
-    chosen = _pick(array, candidates(array, plan), objective)
-    if objective is Objective.BALANCED and chosen.nbytes > _cap(array):
-        return _pick(array, candidates(array), objective)
+        return _pick(array, candidates(array), objective, cap)
+    chosen = _pick(array, candidates(array, plan), objective, cap)
+    if cap is not None and chosen.nbytes > cap:
+        return _pick(array, candidates(array), objective, cap)
     return chosen
 
 
@@ -114,7 +115,8 @@ def _cap(array: np.ndarray) -> float:
     return BALANCED_CAP * bound_bytes(mask.size, int(mask.sum()), array.dtype.itemsize)
 
 
-def _pick(array: np.ndarray, found: list[Estimate], objective: Objective) -> Estimate:
+def _pick(array: np.ndarray, found: list[Estimate], objective: Objective, cap: float | None) -> Estimate:
+    """``cap``: the balanced objective's size cap (:func:`_cap`), computed once by the caller."""
     smallest = min(found, key=lambda e: (e.nbytes, e.startup))
     dense = array.size * array.dtype.itemsize
     found = [e for e in found if e.nbytes < dense] or [smallest]  # a faster start never at more than dense bytes
@@ -122,6 +124,5 @@ def _pick(array: np.ndarray, found: list[Estimate], objective: Objective) -> Est
         return smallest
     if objective is Objective.STARTUP:
         return min(found, key=lambda e: (e.startup, e.nbytes))
-    cap = _cap(array)
     near = [e for e in found if e.nbytes <= cap]
     return min(near, key=lambda e: (e.startup, e.nbytes)) if near else smallest

@@ -149,10 +149,11 @@ def test_choose_codes_whole_for_size_and_in_blocks_otherwise_unless_balanced_mis
     sparse = np.zeros((64, 256), np.float16)
     sparse[rng.random(sparse.shape) < 0.01] = 1.0  # 99% zeros: each tiny block pays its own code starts
     tiny = cc.blocking(sparse.shape, 2, 256)  # 128 blocks of half a row
-    blocked = choice._pick(sparse, choice.candidates(sparse, tiny), cc.Objective.BALANCED)
-    assert blocked.nbytes > choice._cap(sparse)  # no blocked code is near the bound ...
+    cap = choice._cap(sparse)
+    blocked = choice._pick(sparse, choice.candidates(sparse, tiny), cc.Objective.BALANCED, cap)
+    assert blocked.nbytes > cap  # no blocked code is near the bound ...
     chosen = choice.choose(sparse, cc.Objective.BALANCED, tiny)
-    assert chosen.plan is None and chosen.nbytes <= choice._cap(sparse)  # ... so balanced codes it whole
+    assert chosen.plan is None and chosen.nbytes <= cap  # ... so balanced codes it whole
 
 
 def test_largest_intermediate_of_a_blocked_code_is_the_joined_tensor():
